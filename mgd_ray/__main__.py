@@ -1,0 +1,3 @@
+from mgd_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Typed, validated configuration of every job: the only place configuration is read.
+
+A YAML file becomes one of the ``*JobConfig`` models below; defaults live here, once. Validation
+errors are reported with their YAML path (``schedule.iterations: must be > 0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2"]
+FRACTIONS = ("1/16", "1/8", "1/4", "1/2")
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinData(Strict):
+    """Size of the generated dataset (see ``mgd_ray.data.builtin``)."""
+
+    num_train: PositiveInt = 256
+    num_val: PositiveInt = 64
+    size: PositiveInt = 96
+    num_classes: Annotated[int, Field(ge=2)] = 6
+
+
+class DataConfig(Strict):
+    dataset: Literal["builtin", "voc", "cityscapes", "folder"] = "builtin"
+    root: Path = Path("data/builtin")
+    partition: str = "1/16"
+    protocol: Literal["classic", "pseudoseg"] = "classic"
+    partition_seed: int = 0
+    builtin: BuiltinData = BuiltinData()
+    crop_size: PositiveInt = 64
+    scales: tuple[PositiveFloat, ...] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
+    eval_window: PositiveInt | None = None
+    manifest: Path | None = None  # a prepared manifest; set by the driver so workers only read it
+    loader_workers: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, value: str) -> str:
+        value = value.replace("-", "/")
+        if value not in FRACTIONS:
+            raise ValueError(f"must be one of {', '.join(FRACTIONS)} (got {value!r})")
+        return value
+
+
+class ModelConfig(Strict):
+    backbone: BackboneName = "resnet18"
+    output_stride: Literal[8, 16, 32] = 16
+    pretrained: str | None = None
+    stem: Literal["plain", "deep"] = "plain"
+
+
+class OptimConfig(Strict):
+    """SGD + poly LR as in the official code (method notes)."""
+
+    lr: PositiveFloat = 0.01
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 1e-4
+    poly_power: PositiveFloat = 0.9
+    scale_lr_with_world_size: bool = True
+
+
+class ScheduleConfig(Strict):
+    iterations: PositiveInt = 200
+    batch_labeled: PositiveInt = 2
+    batch_unlabeled: PositiveInt = 2
+    eval_every: PositiveInt = 50
+    eval_batch: PositiveInt = 8
+    seed: int = 0
+
+
+class CheckpointRef(Strict):
+    """A frozen teacher: the architecture it must have and the checkpoint file holding it."""
+
+    model: ModelConfig
+    checkpoint: Path
+
+
+class DistillLosses(Strict):
+    """Switches and weights of Eq. 7. Teacher names refer to keys of ``DistillJobConfig.teachers``."""
+
+    supervised: bool = True
+    pixel_labeled: bool = True
+    pixel_unlabeled: bool = True
+    pixel_teachers: tuple[str, ...] | None = None
+    image_teachers: tuple[str, ...] = ("T_D",)
+    region_teachers: tuple[str, ...] = ("T_W",)
+    lambda_1: NonNegFloat = 0.002
+    lambda_2: NonNegFloat = 100.0
+    pool_size: PositiveInt = 7
+    image_reduction: Literal["sum", "mean"] = "sum"
+    ohem: bool = False
+
+
+class TeacherJobConfig(Strict):
+    """CPS pretraining of one architecture; branch 1 (the better one by val mIoU) is the teacher."""
+
+    kind: Literal["teacher"] = "teacher"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig(backbone="resnet50")
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    cps_weight: NonNegFloat = 1.0
+    ohem: bool = False
+    output: Path = Path("mgd_ray_runs/teacher")
+
+
+class DistillJobConfig(Strict):
+    kind: Literal["student"] = "student"
+    data: DataConfig = DataConfig()
+    student: ModelConfig = ModelConfig()
+    teachers: dict[str, CheckpointRef]
+    teacher_mode: Literal["eval", "train"] = "eval"
+    losses: DistillLosses = DistillLosses()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    output: Path = Path("mgd_ray_runs/student")
+
+    @model_validator(mode="after")
+    def _teachers_exist(self) -> DistillJobConfig:
+        if not 1 <= len(self.teachers) <= 2:
+            raise ValueError(f"teachers: give one or two teachers, got {len(self.teachers)}")
+        for field in ("pixel_teachers", "image_teachers", "region_teachers"):
+            for name in getattr(self.losses, field) or ():
+                if name not in self.teachers:
+                    raise ValueError(
+                        f"losses.{field}: teacher {name!r} is not defined under teachers "
+                        f"(defined: {', '.join(self.teachers)})"
+                    )
+        return self
+
+
+class BaselineJobConfig(Strict):
+    """Baselines of the paper's Table 1 on the same runner as MGD."""
+
+    kind: Literal["baseline"] = "baseline"
+    method: Literal["supervised", "mean_teacher", "cps", "kd", "cwd"] = "supervised"
+    data: DataConfig = DataConfig()
+    student: ModelConfig = ModelConfig()
+    teacher: CheckpointRef | None = None
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    consistency_weight: NonNegFloat = 1.0  # MT consistency, CPS weight, KD/CWD weight
+    temperature: PositiveFloat = 1.0  # KD temperature; CWD's tau (the CWD paper uses 4)
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    output: Path = Path("mgd_ray_runs/baseline")
+
+    @model_validator(mode="after")
+    def _teacher_when_needed(self) -> BaselineJobConfig:
+        if self.method in ("kd", "cwd") and self.teacher is None:
+            raise ValueError(f"teacher: method {self.method!r} distills from a teacher; give teacher.checkpoint")
+        return self
+
+
+JobConfig = TeacherJobConfig | DistillJobConfig | BaselineJobConfig
+JOB_TYPES: dict[str, type[Strict]] = {
+    "teacher": TeacherJobConfig,
+    "student": DistillJobConfig,
+    "baseline": BaselineJobConfig,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not validate; the message lists every error with its path."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_job_config(kind: str, raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+    if kind not in JOB_TYPES:
+        raise ConfigError(f"{source}: unknown job kind {kind!r}; use one of {', '.join(JOB_TYPES)}")
+    raw = dict(raw)
+    raw.setdefault("kind", kind)
+    try:
+        return JOB_TYPES[kind].model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_job_config(path: Path | str, kind: str) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return parse_job_config(kind, raw, str(path))
+
+
+def absolute_paths(cfg: Strict, base: Path) -> Strict:
+    """A copy of ``cfg`` whose relative paths are resolved against ``base``.
+
+    Ray workers may start in another directory than the driver, so paths travel absolute.
+    """
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, Path):
+            return value if value.is_absolute() else (base / value).resolve()
+        if isinstance(value, Strict):
+            return absolute_paths(value, base)
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value
+
+    return cfg.model_copy(update={name: fix(getattr(cfg, name)) for name in type(cfg).model_fields})

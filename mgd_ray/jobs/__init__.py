@@ -1,0 +1,1 @@
+"""Training procedures, one file each: CPS teachers, MGD students, baselines."""

@@ -1,0 +1,163 @@
+"""Loss functions of MGD (Qin et al., ECCV 2022, Eq. 1-7) and of the baselines it is compared with.
+
+Conventions: logits are (N, C, H, W); labels are (N, H, W) integer tensors with ``ignore_index``
+for pixels without a label. Every teacher-side input is detached here, so a teacher never receives
+gradient even when the caller forgets ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = 255
+
+
+def supervised_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Eq. 1: pixel-wise cross-entropy against ground truth, averaged over labeled pixels."""
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+
+
+def ohem_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 50_000,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Online hard-example-mined CE, used by the official code for Cityscapes' ground-truth term.
+
+    Pixels whose probability for the true class exceeds ``max(thresh, p_k)`` are dropped, where
+    ``p_k`` is the ``min_kept``-th smallest true-class probability, so at least ``min_kept`` pixels
+    always contribute (TorchSemiSeg ``ProbOhemCrossEntropy2d``).
+    """
+    target = target.long()
+    valid = target != ignore_index
+    num_valid = int(valid.sum())
+    if num_valid >= max(min_kept, 1):
+        with torch.no_grad():
+            true_prob = logits.softmax(dim=1).gather(1, target.clamp(0, logits.shape[1] - 1).unsqueeze(1))
+            true_prob = true_prob.squeeze(1).masked_fill(~valid, 1.0)
+            threshold = torch.tensor(thresh, device=logits.device, dtype=true_prob.dtype)
+            if min_kept > 0:
+                kth = torch.kthvalue(true_prob[valid], min_kept).values
+                threshold = torch.maximum(kth, threshold)
+            target = target.masked_fill(true_prob > threshold, ignore_index)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def hard_pseudo_labels(teacher: Tensor) -> Tensor:
+    """Hard pseudo labels: argmax over classes of (N, C, H, W) logits, or labels passed through."""
+    if teacher.is_floating_point():
+        return teacher.detach().argmax(dim=1)
+    return teacher.long()
+
+
+def pixel_consistency_loss(
+    student_logits: Tensor, teacher: Tensor, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Eq. 2: CE between the student and one teacher's hard pseudo labels.
+
+    ``teacher`` is either the teacher's logits (argmax taken here) or precomputed pseudo labels
+    (N, H, W) such as the CutMix-ed labels ``argmax(T(u0)(1-m) + T(u1)m)``; pixels equal to
+    ``ignore_index`` in precomputed labels do not contribute. The paper's L_P sums this over T_D and
+    T_W; the caller adds one term per teacher.
+    """
+    return F.cross_entropy(student_logits, hard_pseudo_labels(teacher), ignore_index=ignore_index)
+
+
+def global_semantic_vector(logits: Tensor) -> Tensor:
+    """Eq. 3: K_G = GAP over H x W of the class logits, one value per class -> (N, C)."""
+    return logits.mean(dim=(2, 3))
+
+
+def image_level_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    reduction: Literal["sum", "mean"] = "sum",
+) -> Tensor:
+    """Eq. 3-4, image-level semantic-sensitive loss: L1 between GAP'd student and teacher logits.
+
+    ``reduction="sum"`` sums |k_S - k_T| over batch and classes as the official code does (and as
+    its lambda_1 = 0.002 is tuned for); ``"mean"`` is the paper's 1/N average over classes, also
+    averaged over the batch. ``teacher_logits`` may be an already pooled (N, C) tensor.
+    """
+    k_s = global_semantic_vector(student_logits)
+    k_t = teacher_logits.detach()
+    if k_t.dim() == 4:
+        k_t = global_semantic_vector(k_t)
+    if reduction == "sum":
+        return (k_s - k_t).abs().sum()
+    if reduction == "mean":
+        return (k_s - k_t).abs().mean()
+    raise ValueError(f"image_level_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def region_vectors(feats: Tensor, pool_size: int) -> Tensor:
+    """Regional content vectors V (N, C, H_v*W_v): adaptive average pooling of decoder features.
+
+    The official code has no learned projection head here, only the pooling (method notes).
+    """
+    return F.adaptive_avg_pool2d(feats, pool_size).flatten(2)
+
+
+def self_similarity(feats: Tensor, pool_size: int) -> Tensor:
+    """Eq. 5: cosine self-similarity M (N, H_v*W_v, H_v*W_v) of the pooled decoder features.
+
+    ``feats`` are (N, C, H, W) decoder features, or vectors already pooled to (N, C, H_v*W_v).
+    """
+    v = feats if feats.dim() == 3 else region_vectors(feats, pool_size)
+    v = F.normalize(v, dim=1)
+    return v.transpose(1, 2) @ v
+
+
+def region_level_loss(student_feats: Tensor, teacher_feats: Tensor, pool_size: int = 7) -> Tensor:
+    """Eq. 5-6, region-level content-aware loss: MSE between student and teacher M matrices.
+
+    Averaged over the (H_v W_v)^2 entries of Eq. 6 and over the batch. ``teacher_feats`` may be
+    pooled vectors (N, C, H_v*W_v), e.g. from a teacher-signal cache.
+    """
+    m_s = self_similarity(student_feats, pool_size)
+    m_t = self_similarity(teacher_feats.detach(), pool_size)
+    return F.mse_loss(m_s, m_t)
+
+
+def cps_loss(logits_l: Tensor, logits_r: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Cross pseudo supervision (Chen et al., CVPR 2021): each branch learns the other's argmax.
+
+    Returns CE(l, argmax r) + CE(r, argmax l); the caller multiplies by the CPS weight.
+    """
+    return pixel_consistency_loss(logits_l, logits_r, ignore_index) + pixel_consistency_loss(
+        logits_r, logits_l, ignore_index
+    )
+
+
+def mean_teacher_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean Teacher consistency (Tarvainen & Valpola, 2017): MSE between class probabilities."""
+    return F.mse_loss(student_logits.softmax(dim=1), teacher_logits.detach().softmax(dim=1))
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Pixel-wise KD (Hinton et al., 2015): T^2 * KL(p_T || p_S) over classes, mean over pixels."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return kl.mean() * t * t
+
+
+def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 4.0) -> Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021).
+
+    Each channel's map is turned into a distribution over the H*W locations by a softmax at
+    temperature tau; loss = tau^2 * KL(teacher || student) summed over locations, averaged over
+    the N*C channel maps.
+    """
+    n, c = student_logits.shape[:2]
+    log_p_s = F.log_softmax(student_logits.reshape(n * c, -1) / tau, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().reshape(n * c, -1) / tau, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return kl * tau * tau / (n * c)

@@ -1,0 +1,106 @@
+"""Ray Train wrapper: every job runs as a ``TorchTrainer`` (PyTorch DDP: gloo on CPU, NCCL on GPU).
+
+Ray Train V2 semantics (the default in Ray 2.60): each worker calls ``ray.train.report`` at every
+evaluation, rank 0 attaching the checkpoint; a restarted worker group resumes from
+``ray.train.get_checkpoint()``; ``FailureConfig(max_failures)`` bounds the restarts. A driver that
+runs the same ``name`` and ``storage_path`` again resumes the run where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mgd_ray.config import JobConfig, absolute_paths, parse_job_config
+from mgd_ray.jobs.baselines import run_baseline
+from mgd_ray.jobs.common import MODEL_FILE, load_state, prepare_manifest
+from mgd_ray.jobs.cps import run_teacher
+from mgd_ray.jobs.distill import run_distill
+
+JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline}
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
+    """Rebuild the typed config on the worker, resume from Ray's latest checkpoint, run the job."""
+    cfg = parse_job_config(payload["kind"], payload["config"])
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_state(Path(d))
+    rank = ray.train.get_context().get_world_rank()
+    fault = payload.get("fail_once_at_step")
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        if fault is not None and rank == 0 and metrics["step"] >= fault:
+            marker = Path(payload["fault_marker"])
+            if not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"injected failure before reporting step {metrics['step']}")
+        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+
+    root = Path(tempfile.mkdtemp(prefix="mgd_ray_ckpt_"))
+    try:
+        return JOBS[cfg.kind](cfg, report, root, resume)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class JobResult:
+    """A finished job: last metrics, the exported model file and Ray's ``Result``."""
+
+    metrics: dict[str, Any]
+    model_path: Path
+    result: Result
+
+
+def run_job(
+    cfg: JobConfig,
+    scaling: ScalingConfig,
+    storage_path: Path | str = "mgd_ray_runs/ray",
+    name: str | None = None,
+    max_failures: int = 0,
+    fail_once_at_step: int | None = None,
+) -> JobResult:
+    """Run one job on the Ray cluster ``ray.init`` finds (a local one by default).
+
+    Relative paths of the config are resolved against the driver's working directory before the
+    config travels to the workers. The exported model (``model.pt`` of the last checkpoint) is
+    copied to ``cfg.output``. ``fail_once_at_step`` makes rank 0 raise once before reporting that
+    step: the fault-tolerance tests use it to kill a run after its first checkpoint.
+    """
+    cfg = absolute_paths(cfg, Path.cwd())
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": prepare_manifest(cfg.data)})})
+    storage = Path(storage_path).resolve()
+    name = name or f"{cfg.kind}-{cfg.output.name}"
+    payload: dict[str, Any] = {"kind": cfg.kind, "config": cfg.model_dump(mode="json")}
+    if fail_once_at_step is not None:
+        storage.mkdir(parents=True, exist_ok=True)
+        payload |= {"fail_once_at_step": fail_once_at_step, "fault_marker": str(storage / f"{name}.fault")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"job {name} finished without a checkpoint; see the logs under {storage / name}")
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copyfile(Path(d) / MODEL_FILE, cfg.output / MODEL_FILE)
+    return JobResult(metrics=dict(result.metrics or {}), model_path=cfg.output / MODEL_FILE, result=result)
