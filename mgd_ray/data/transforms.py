@@ -28,8 +28,9 @@ TRAIN_SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
 class RandomScale(v2.Transform):
     """Resize by a factor drawn uniformly from `scales` to (int(h·s), int(w·s)) as CPS does.
 
-    Images are resized bilinearly (with antialiasing); v2 resizes tv_tensors.Mask with nearest
-    neighbour whatever interpolation is asked for, so label ids are never blended.
+    Images are resized bilinearly without antialiasing, which is what cv2.INTER_LINEAR in the
+    official code does; v2 resizes tv_tensors.Mask with nearest neighbour (floor, like
+    cv2.INTER_NEAREST) whatever interpolation is asked for, so label ids are never blended.
     """
 
     def __init__(self, scales: Sequence[float]) -> None:
@@ -45,7 +46,7 @@ class RandomScale(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(
-            F.resize, inpt, size=params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True
+            F.resize, inpt, size=params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=False
         )
 
 

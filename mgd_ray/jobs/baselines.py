@@ -11,17 +11,15 @@ from torch import Tensor, nn
 
 from mgd_ray import losses
 from mgd_ray.config import BaselineJobConfig
+from mgd_ray.distributed import dist_env, unwrap, wrap_model
 from mgd_ray.jobs.common import (
     Batch,
     FitSpec,
     Reporter,
     build_model,
-    dist_env,
     fit,
     load_job_data,
     load_segmenter,
-    unwrap,
-    wrap_model,
 )
 from mgd_ray.jobs.cps import run_cps_pair
 

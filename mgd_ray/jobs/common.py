@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -33,7 +32,8 @@ from mgd_ray.data.partitions import (
     write_manifest,
 )
 from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, box_mask, cutmix, eval_transform, train_transform
-from mgd_ray.metrics import IGNORE_INDEX, ConfusionMatrix
+from mgd_ray.distributed import DistEnv, all_reduce_mean, dist_env, replica_spread, unwrap, wrap_model
+from mgd_ray.metrics import IGNORE_INDEX, ConfusionMatrix, sliding_window_logits
 from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
 
 CHECKPOINT_FORMAT = "mgd_ray.segmenter/1"
@@ -42,59 +42,6 @@ MODEL_FILE = "model.pt"
 
 # Reporter(metrics, checkpoint_dir or None): called on every rank at every evaluation.
 Reporter = Callable[[dict[str, Any], Path | None], None]
-
-
-# ---------------------------------------------------------------------------- ranks and devices
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_env() -> DistEnv:
-    """Rank, world size and device of this process (CUDA when present, else CPU)."""
-    initialized = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if initialized else 0
-    world = dist.get_world_size() if initialized else 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    return DistEnv(rank, world, device)
-
-
-def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Mean over ranks of scalar metrics (identity on one process)."""
-    if env.world_size == 1 or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / env.world_size).tolist(), strict=True))
-
-
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
-    """Move to the device and wrap in DDP when distributed.
-
-    On GPU, BatchNorm becomes SyncBatchNorm so statistics cover the global batch, as in the
-    official code. On CPU, torch's SyncBatchNorm is GPU-only, so each replica normalises with its
-    own batch statistics (the weights still stay identical, DDP averages gradients).
-    """
-    model = model.to(env.device)
-    if env.world_size == 1:
-        return model
-    if env.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index])
-    return nn.parallel.DistributedDataParallel(model)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # ---------------------------------------------------------------------------- seeds and data streams
@@ -246,8 +193,6 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: JobData, env: DistEnv, batch: int, window: int | None = None) -> ConfusionMatrix:
     """Confusion matrix over the whole val split, each rank a shard, summed across ranks."""
-    from mgd_ray.metrics import sliding_window_logits
-
     net = unwrap(model)
     was_training = net.training
     net.eval()
@@ -399,8 +344,9 @@ def batches(data: JobData, schedule: ScheduleConfig, workers: int, env: DistEnv,
             batch.u0 = next(u0s)["image"].to(env.device, non_blocking=True)
             batch.u1 = next(u1s)["image"].to(env.device, non_blocking=True)
             n, _, h, w = batch.u0.shape
-            gen = torch.Generator().manual_seed(derive_seed(seed, 3, step, env.rank))
-            batch.m = box_mask(n, h, w, gen).to(env.device)
+            # Masks are drawn for the global batch and sliced, so N workers see the masks one worker would.
+            gen = torch.Generator().manual_seed(derive_seed(seed, 3, step))
+            batch.m = box_mask(n * env.world_size, h, w, gen)[env.rank * n : (env.rank + 1) * n].to(env.device)
         yield batch
         step += 1
 
@@ -477,7 +423,7 @@ def fit(
         progress.step(step, values)
         if step % schedule.eval_every and step != schedule.iterations:
             continue
-        metrics = {"step": step, "lr": sched.get_last_lr()[0]}
+        metrics = {"step": step, "lr": sched.get_last_lr()[0], "replica_spread": replica_spread(model, env)}
         metrics |= all_reduce_mean({k: v / count for k, v in sums.items()}, env)
         sums, count = {}, 0
         for label, net in spec.evaluated().items():

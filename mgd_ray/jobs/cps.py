@@ -15,17 +15,15 @@ from torch import Tensor, nn
 
 from mgd_ray import losses
 from mgd_ray.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TeacherJobConfig
+from mgd_ray.distributed import dist_env, unwrap, wrap_model
 from mgd_ray.jobs.common import (
     Batch,
     FitSpec,
     Reporter,
     build_model,
-    dist_env,
     fit,
     load_job_data,
     mixed_pseudo_labels,
-    unwrap,
-    wrap_model,
 )
 from mgd_ray.models.deeplab import DeepLabV3Plus
 

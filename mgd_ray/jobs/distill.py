@@ -16,17 +16,16 @@ from torch import Tensor, nn
 
 from mgd_ray import losses
 from mgd_ray.config import DistillJobConfig
+from mgd_ray.distributed import dist_env, wrap_model
 from mgd_ray.jobs.common import (
     Batch,
     FitSpec,
     Reporter,
     build_model,
-    dist_env,
     fit,
     load_job_data,
     load_segmenter,
     mixed_pseudo_labels,
-    wrap_model,
 )
 
 

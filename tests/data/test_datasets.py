@@ -89,6 +89,14 @@ def test_voc_symlink_leading_out_of_the_root_is_refused(voc_root, tmp_path, file
     assert str(outside) in str(err.value)
 
 
+def test_folder_symlink_leading_out_of_the_root_is_refused(folder_root, tmp_path, files):
+    outside = files.image(tmp_path / "elsewhere.png", np.zeros((8, 8, 3)))
+    (folder_root / "images" / "s0.png").unlink()
+    (folder_root / "images" / "s0.png").symlink_to(outside)
+    with pytest.raises(DatasetError, match=r"s0\.png resolves to .*elsewhere\.png, outside the dataset root"):
+        folder_samples(folder_root)
+
+
 def test_voc_root_without_jpeg_images(tmp_path):
     with pytest.raises(DatasetError, match="JPEGImages"):
         voc_samples(tmp_path, ["a"], "l.txt")

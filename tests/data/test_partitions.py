@@ -30,8 +30,15 @@ CITYSCAPES = {"1/16": 186, "1/8": 372, "1/4": 744, "1/2": 1488}
 
 
 def meta(**overrides) -> dict:
-    base = {"dataset": "folder", "root": "/r", "num_classes": 4, "class_names": ["bg", "one", "two", "three"],
-            "partition": "generated", "fraction": 0.25, "seed": 7}  # fmt: skip
+    base = {
+        "dataset": "folder",
+        "root": "/r",
+        "num_classes": 4,
+        "class_names": ["bg", "one", "two", "three"],
+        "partition": "generated",
+        "fraction": 0.25,
+        "seed": 7,
+    }
     return {**base, **overrides}
 
 

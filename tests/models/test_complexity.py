@@ -16,6 +16,7 @@ from mgd_ray.models.complexity import (
     count_params,
     format_table,
 )
+from mgd_ray.models.deeplab import build_segmenter
 
 
 def small_net() -> nn.Sequential:
@@ -124,13 +125,10 @@ def test_complexity_table_rows():
 
 
 def test_whole_model_counts_equal_direct_counts():
-    (row,) = complexity_table(backbones=("mobilenet_v2",), num_classes=21, input_size=(64, 96), output_stride=8)
-    torch.manual_seed(0)
-    from mgd_ray.models.deeplab import build_segmenter
-
-    model = build_segmenter("mobilenet_v2", 21, 8)
+    (row,) = complexity_table(backbones=("resnet18",), num_classes=21, input_size=(32, 48), output_stride=8)
+    model = build_segmenter("resnet18", 21, 8)
     assert row.params_m == pytest.approx(count_params(model) / 1e6)
-    assert row.gflops == pytest.approx(count_flops(model, (64, 96)) / 1e9)  # real CPU count, same as meta
+    assert row.gflops == pytest.approx(count_flops(model, (32, 48)) / 1e9)  # real CPU count, same as meta
 
 
 def test_format_table():
