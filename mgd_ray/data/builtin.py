@@ -262,7 +262,7 @@ def _params(seed: int, num_train: int, num_val: int, size: int, num_classes: int
     max_classes = len(BUILTIN_CLASSES) + (len(FASHION_MNIST_CLASSES) if fashion_mnist else 0)
     min_classes = len(BUILTIN_CLASSES) + 1 if fashion_mnist else 2
     if not min_classes <= num_classes <= max_classes:
-        hint = "Fashion-MNIST classes come after the 6 shape classes" if fashion_mnist else "fashion_mnist=True allows up to 16"
+        hint = "Fashion-MNIST classes follow the 6 shapes" if fashion_mnist else "fashion_mnist=True allows up to 16"
         raise DatasetError(
             f"built-in dataset: num_classes={num_classes} must be in {min_classes}..{max_classes} ({hint})"
         )
@@ -331,8 +331,9 @@ def generate_builtin(
     """Write the built-in dataset to root (same parameters → byte-identical files) and return root.
 
     A complete generation with the same parameters (root/builtin.json) is left as is. Otherwise the
-    data is written to a sibling temporary folder and renamed into place, so root is never half
-    written; a non-empty root that is not a built-in dataset is refused rather than replaced.
+    data is written to a sibling temporary folder and renamed into place, replacing root and all it
+    held (manifests of the old data included), so root is never half written; a non-empty root
+    that is not a built-in dataset is refused rather than replaced.
     """
     root = Path(root).absolute()
     params = _params(seed, num_train, num_val, size, num_classes, fashion_mnist)

@@ -37,8 +37,17 @@ from mgd_ray.data.datasets import (
 
 SPLITS_DIR = Path(__file__).with_name("splits")
 STANDARD_FRACTIONS = ("1-16", "1-8", "1-4", "1-2")
-TRAIN_LISTS = {("voc", "classic"): "train_aug.txt", ("voc", "pseudoseg"): "train.txt", ("cityscapes", "classic"): "train.txt"}
-LIST_PREFIXES = {("voc", "classic"): "train_aug", ("voc", "pseudoseg"): "pseudoseg", ("cityscapes", "classic"): "train_aug"}
+# (dataset, protocol) → the list of all its training images, and the prefix of its partition lists
+TRAIN_LISTS = {
+    ("voc", "classic"): "train_aug.txt",
+    ("voc", "pseudoseg"): "train.txt",
+    ("cityscapes", "classic"): "train.txt",
+}
+LIST_PREFIXES = {
+    ("voc", "classic"): "train_aug",
+    ("voc", "pseudoseg"): "pseudoseg",
+    ("cityscapes", "classic"): "train_aug",
+}
 MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -52,7 +61,7 @@ META_KEY = b"mgd_ray"
 META_KEYS = ("dataset", "root", "num_classes", "class_names", "partition", "fraction", "seed")
 VAL_SPLIT_SEED = 0  # fixed, so runs that vary the partition seed are evaluated on the same images
 
-Dataset = Literal["voc", "cityscapes"]
+DatasetName = Literal["voc", "cityscapes"]
 Protocol = Literal["classic", "pseudoseg"]
 
 
@@ -71,16 +80,16 @@ def parse_fraction(fraction: str | float) -> tuple[str, float]:
     return name, value
 
 
-def split_list_path(dataset: Dataset, name: str) -> Path:
+def split_list_path(dataset: DatasetName, name: str) -> Path:
     """Path of a shipped split list, e.g. split_list_path('voc', 'val.txt')."""
     path = SPLITS_DIR / dataset / name
     if not path.is_file():
-        shipped = sorted(p.name for p in (SPLITS_DIR / dataset).glob("*.txt")) if (SPLITS_DIR / dataset).is_dir() else []
+        shipped = sorted(p.name for p in (SPLITS_DIR / dataset).glob("*.txt"))
         raise DatasetError(f"{path}: no such shipped list; {dataset} has {shipped}")
     return path
 
 
-def _list_ids(dataset: Dataset, path: Path) -> list[str]:
+def _list_ids(dataset: DatasetName, path: Path) -> list[str]:
     """VOC lists hold ids; Cityscapes lists hold path pairs whose image stem is the id."""
     if dataset == "voc":
         return read_id_list(path)
@@ -97,7 +106,7 @@ def _protocol_key(dataset: str, protocol: str) -> tuple[str, str]:
     return key
 
 
-def standard_split(dataset: Dataset, protocol: Protocol, fraction: str | float) -> tuple[list[str], list[str]]:
+def standard_split(dataset: DatasetName, protocol: Protocol, fraction: str | float) -> tuple[list[str], list[str]]:
     """(labeled ids, unlabeled ids) of a shipped partition; Cityscapes ids are image stems.
 
     An id in both lists is labeled: the PseudoSeg lists repeat their last labeled id in the
@@ -106,7 +115,9 @@ def standard_split(dataset: Dataset, protocol: Protocol, fraction: str | float) 
     key = _protocol_key(dataset, protocol)
     name, _ = parse_fraction(fraction)
     if name not in STANDARD_FRACTIONS:
-        raise DatasetError(f"no shipped {dataset}/{protocol} partition for {fraction!r}; use one of {STANDARD_FRACTIONS}")
+        raise DatasetError(
+            f"no shipped {dataset}/{protocol} partition for {fraction!r}; use one of {STANDARD_FRACTIONS}"
+        )
     prefix = LIST_PREFIXES[key]
     labeled = _list_ids(dataset, split_list_path(dataset, f"{prefix}_labeled_{name}.txt"))
     labeled_set = set(labeled)
@@ -134,7 +145,9 @@ def generate_partition(
     presence = np.zeros((len(samples), num_classes), bool)
     for index, sample in enumerate(samples):
         if sample.label is None:
-            raise DatasetError(f"{sample.image}: training sample without a label; a generated partition needs every mask")
+            raise DatasetError(
+                f"{sample.image}: training sample without a label; a generated partition reads every mask"
+            )
         mask = load_mask(sample.label, num_classes)
         presence[index, np.unique(mask[mask != 255])] = True
     budget = labeled_count(fraction, len(samples))

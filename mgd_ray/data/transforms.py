@@ -1,8 +1,8 @@
 """Joint image/mask augmentation (torchvision transforms v2) and the CutMix box masks of CPS/MGD.
 
-Train order, as the CPS/MGD data pipeline: random scale → horizontal flip → float → normalise →
+Train order, as in the official (CPS) pipeline: horizontal flip → random scale → float → normalise →
 random crop padded to the crop size (image with 0, mask with 255). Normalising *before* padding
-makes padded image pixels 0 in normalised space (the mean colour), as in the official code.
+makes padded image pixels 0 in normalised space (the mean colour), as the official code does.
 One difference: when an image is smaller than the crop, v2.RandomCrop places it at a random
 offset inside the padded crop where the official code centres it.
 """
@@ -79,11 +79,10 @@ def train_transform(
     std: Sequence[float] = IMAGENET_STD,
     hflip: bool = True,
 ) -> JointTransform:
-    """Scale, flip, normalise, then crop to crop_size×crop_size, padding image 0 / mask 255."""
-    steps: list[v2.Transform] = [RandomScale(scales)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip(0.5))
+    """Flip, scale, normalise, then crop to crop_size×crop_size, padding image 0 / mask 255."""
+    steps: list[v2.Transform] = [v2.RandomHorizontalFlip(0.5)] if hflip else []
     steps += [
+        RandomScale(scales),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX}),

@@ -1,6 +1,5 @@
 import gzip
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,14 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def default_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def default_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, None]:
     root = tmp_path_factory.mktemp("builtin") / "data"
-    start = time.perf_counter()
     generate_builtin(root)
-    return root, time.perf_counter() - start
+    return root, None
 
 
-def test_default_generation_is_fast_and_complete(default_dataset):
-    root, seconds = default_dataset
-    assert seconds < 10
+def test_default_generation_is_complete(default_dataset):
+    root, _ = default_dataset
     assert len(list((root / "images").glob("*.png"))) == 320
     assert (root / "train.txt").read_text().split() == [f"train_{i:05d}" for i in range(256)]
     assert len((root / "val.txt").read_text().split()) == 64

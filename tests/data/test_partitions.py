@@ -53,7 +53,8 @@ def meta(**overrides) -> dict:
 )
 def test_shipped_splits_have_the_published_counts(dataset, protocol, counts, train_list, train_size):
     path = split_list_path(dataset, train_list)
-    train = read_id_list(path) if dataset == "voc" else [Path(l.split("\t")[0]).stem for l in path.read_text().splitlines()]
+    lines = path.read_text().splitlines()
+    train = read_id_list(path) if dataset == "voc" else [Path(line.split("\t")[0]).stem for line in lines]
     assert len(train) == len(set(train)) == train_size
     for fraction, count in counts.items():
         labeled, unlabeled = standard_split(dataset, protocol, fraction)
@@ -88,7 +89,13 @@ def test_standard_split_rejects_unknown_protocols_and_fractions():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("1/16", ("1-16", 0.0625)), ("1-8", ("1-8", 0.125)), (0.25, ("1-4", 0.25)), ("0.3", ("0.3", 0.3)), (1, ("1-1", 1.0))],
+    [
+        ("1/16", ("1-16", 0.0625)),
+        ("1-8", ("1-8", 0.125)),
+        (0.25, ("1-4", 0.25)),
+        ("0.3", ("0.3", 0.3)),
+        (1, ("1-1", 1.0)),
+    ],
 )
 def test_parse_fraction(text, expected):
     assert parse_fraction(text) == expected
@@ -102,7 +109,8 @@ def test_parse_fraction_errors(text):
 
 # ---------------------------------------------------------------- generated partitions
 def test_labeled_count_rounds_half_up_and_keeps_one():
-    assert [labeled_count(f, n) for f, n in [(1 / 8, 20), (1 / 16, 8), (1 / 16, 24), (0.5, 7), (1.0, 5)]] == [3, 1, 2, 4, 5]
+    cases = [(1 / 8, 20), (1 / 16, 8), (1 / 16, 24), (0.5, 7), (1.0, 5)]
+    assert [labeled_count(f, n) for f, n in cases] == [3, 1, 2, 4, 5]
 
 
 def test_generated_partition_covers_rare_classes(folder_root):
@@ -256,7 +264,8 @@ def touch_all(paths: list[Path]) -> None:
 def test_voc_pseudoseg_manifest_from_shipped_lists(tmp_path):
     root = tmp_path / "VOC2012"
     ids = read_id_list(split_list_path("voc", "train.txt")) + read_id_list(split_list_path("voc", "val.txt"))
-    touch_all([root / "JPEGImages" / f"{i}.jpg" for i in ids] + [root / "SegmentationClassAug" / f"{i}.png" for i in ids])
+    touch_all([root / "JPEGImages" / f"{i}.jpg" for i in ids])
+    touch_all([root / "SegmentationClassAug" / f"{i}.png" for i in ids])
     table = voc_manifest(root, "pseudoseg", "1/8")
     subsets = table["subset"].to_pylist()
     assert (subsets.count("labeled"), subsets.count("unlabeled"), subsets.count("val")) == (183, 1281, 1449)
@@ -268,7 +277,8 @@ def test_voc_pseudoseg_manifest_from_shipped_lists(tmp_path):
 
 def test_cityscapes_manifest_from_shipped_lists(tmp_path):
     root = tmp_path / "city"
-    lines = [l for name in ("train.txt", "val.txt") for l in split_list_path("cityscapes", name).read_text().splitlines()]
+    lists = [split_list_path("cityscapes", name) for name in ("train.txt", "val.txt")]
+    lines = [line for path in lists for line in path.read_text().splitlines()]
     touch_all([root / part.lstrip("/") for line in lines for part in line.split("\t")])
     table = cityscapes_manifest(root, "1-16")
     subsets = table["subset"].to_pylist()
