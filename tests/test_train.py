@@ -48,7 +48,8 @@ def test_two_workers_match_one_worker_with_same_global_batch(local_ray, tiny_dat
     # First step: same samples, augmentations, CutMix masks and global-batch BatchNorm, so every
     # loss term equals the 1-worker value.
     for term in ("loss/total", "loss/sup", "loss/pixel_l/T_D", "loss/pixel_u/T_D", "loss/region/T_W", "loss/image/T_D"):
-        assert curve2[term].iloc[0] == pytest.approx(curve1[term].iloc[0], rel=1e-5), term
+        # float32 sums in another order: relative noise ~1e-5 on small terms such as the image one.
+        assert curve2[term].iloc[0] == pytest.approx(curve1[term].iloc[0], rel=1e-4, abs=1e-6), term
     # DDP keeps the two replicas' weights identical at every evaluation.
     assert curve2["replica_spread"].tolist() == [0.0, 0.0, 0.0]
     assert two.model_path.is_file()
