@@ -6,8 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
-BACKBONES = ("resnet101", "wide_resnet50_2", "resnet50", "resnet34", "resnet18", "mobilenet_v2")
+from mgd_ray.config import BackboneName
+
+BACKBONES: tuple[str, ...] = get_args(BackboneName)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

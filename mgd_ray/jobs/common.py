@@ -31,8 +31,15 @@ from mgd_ray.data.partitions import (
     voc_manifest,
     write_manifest,
 )
-from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, box_mask, cutmix, eval_transform, train_transform
-from mgd_ray.distributed import DistEnv, all_reduce_mean, dist_env, replica_spread, unwrap, wrap_model
+from mgd_ray.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    box_mask,
+    cutmix,
+    eval_transform,
+    train_transform,
+)
+from mgd_ray.distributed import DistEnv, all_reduce_mean, replica_spread, unwrap
 from mgd_ray.metrics import IGNORE_INDEX, ConfusionMatrix, sliding_window_logits
 from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
 
