@@ -28,11 +28,28 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from mgd_ray.data.datasets import DatasetError
     from mgd_ray.data.partitions import manifest_meta, prepare_builtin, read_manifest
 
-    if args.dataset != "builtin":
-        raise SystemExit(f"mgd-ray data prepare: dataset {args.dataset!r} is not supported yet")
-    path = prepare_builtin(Path(args.root), seed=args.seed, fraction=args.fraction)
+    if args.dataset != "voc" and (args.download or args.protocol != "classic"):
+        print("mgd-ray data prepare: --download and --protocol apply to voc only (Cityscapes needs a login: "
+              "download its two zips into --root yourself)", file=sys.stderr)
+        return 2
+    try:
+        if args.dataset == "voc":
+            from mgd_ray.data.prepare_voc import prepare_voc
+
+            print(prepare_voc(Path(args.root), args.fraction, args.protocol, download=args.download).summary())
+            return 0
+        if args.dataset == "cityscapes":
+            from mgd_ray.data.prepare_cityscapes import prepare_cityscapes
+
+            print(prepare_cityscapes(Path(args.root), args.fraction).summary())
+            return 0
+        path = prepare_builtin(Path(args.root), seed=args.seed, fraction=args.fraction)
+    except DatasetError as err:
+        print(f"mgd-ray data prepare {args.dataset}: {err}", file=sys.stderr)
+        return 2
     table = read_manifest(path)
     meta = manifest_meta(table)
     subsets = table.column("subset").to_pylist()
@@ -65,6 +82,108 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_study(path: str, smoke: bool = False):  # -> StudyConfig | None
+    from mgd_ray.config import ConfigError
+    from mgd_ray.study_config import load_study
+    from mgd_ray.study_config import smoke as shrink
+
+    try:
+        study = load_study(path)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+    return shrink(study) if smoke else study
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.studies:
+        study = _load_study(path)
+        if study is None:
+            failed += 1
+            continue
+        searched = ", ".join(study.search.searched()) or "nothing (repeats of the default configuration)"
+        print(
+            f"{path}: valid study {study.name!r}: teachers {', '.join(study.teachers)}; student {study.student.backbone}; "
+            f"{study.searcher.num_samples} trials over {searched}; baselines "
+            f"{', '.join(b.name for b in study.baselines) or 'none'}; seeds {study.seeds}"
+        )
+    return 1 if failed else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mgd_ray.study import run_study
+
+    study = _load_study(args.study, args.smoke)
+    if study is None:
+        return 2
+    if args.tracking_uri:
+        study = study.model_copy(update={"mlflow": study.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
+    if args.storage:
+        study = study.model_copy(update={"storage_path": args.storage})
+    if args.address:
+        import ray
+
+        ray.init(address=args.address)
+    report = run_study(study, source=Path(args.study), resume=args.resume)
+    print(f"report: {report}")
+    return 0
+
+
+def _model_arg(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
+    """The local checkpoint MODEL names, and the class list --classes expects (None without it)."""
+    from mgd_ray.data.datasets import read_class_names
+    from mgd_ray.predict import resolve_model
+    from mgd_ray.tracking import resolve_tracking_uri
+
+    classes = read_class_names(Path(args.classes)) if args.classes else None
+    return resolve_model(args.model, resolve_tracking_uri(args.tracking_uri, Path.cwd())), classes
+
+
+def _window_arg(value: str) -> int | str | None:
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected auto, none or a window size in pixels, got {value!r}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mgd_ray import predict
+    from mgd_ray.data.datasets import DatasetError
+
+    try:
+        path, classes = _model_arg(args)
+        seg = predict.load_checkpoint(path, expect_classes=classes, device=args.device)
+        print(f"model: {seg.describe()}")
+        images = [Path(p) for p in args.images]
+        written = predict.predict_files(seg, images, Path(args.out), window=args.window, batch_size=args.batch)
+    except (predict.CheckpointError, predict.ImageError, DatasetError) as err:
+        print(f"mgd-ray predict: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} masks and overlays to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mgd_ray.data.datasets import DatasetError
+    from mgd_ray.export import ExportError, export_onnx, export_torchscript
+    from mgd_ray.predict import CheckpointError
+
+    try:
+        path, classes = _model_arg(args)
+        options = {"allow_teacher": args.allow_teacher, "expect_classes": classes}
+        if args.format == "onnx":
+            out = export_onnx(path, Path(args.out), opset=args.opset, **options)
+        else:
+            out = export_torchscript(path, Path(args.out), **options)
+    except (CheckpointError, ExportError, DatasetError) as err:
+        print(f"mgd-ray export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}; input (N, 3, H, W) normalised RGB, output (N, C, H, W) logits)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mgd-ray",
@@ -91,14 +210,60 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     train.set_defaults(func=_cmd_train)
 
+    run = sub.add_parser("run", help="run a whole study: teachers, baselines, Optuna search, report (MLflow)")
+    run.add_argument("study", help="study file (see studies/)")
+    run.add_argument("--resume", action="store_true", help="continue the last interrupted run of this study")
+    run.add_argument("--smoke", action="store_true", help="the same study shrunk to seconds on tiny built-in data")
+    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the study's mlflow.tracking_uri)")
+    run.add_argument("--storage", default=None, help="storage path (overrides the study's storage_path)")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check study files and report every error; runs nothing")
+    validate.add_argument("studies", nargs="+")
+    validate.set_defaults(func=_cmd_validate)
+
     data = sub.add_parser("data", help="dataset preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="build a dataset's files and its Parquet manifest")
-    prepare.add_argument("dataset", choices=("builtin",))
-    prepare.add_argument("--root", required=True, help="directory to write the dataset and manifest into")
+    prepare.add_argument("dataset", choices=("builtin", "voc", "cityscapes"))
+    prepare.add_argument(
+        "--root", required=True,
+        help="builtin: where to generate it; voc: holds (or receives) the VOC and SBD archives; "
+        "cityscapes: holds leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip",
+    )
     prepare.add_argument("--fraction", default="1/16", help="labeled fraction: 1/16, 1/8, 1/4 or 1/2")
-    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--seed", type=int, default=0, help="partition seed (builtin)")
+    prepare.add_argument("--protocol", default="classic", choices=("classic", "pseudoseg"),
+                         help="voc: train_aug partitions (classic) or PseudoSeg's few-label ones")
+    prepare.add_argument("--download", action="store_true",
+                         help="voc: download VOC2012 (2 GB) and SBD (1.4 GB) when they are not in --root")
     prepare.set_defaults(func=_cmd_data_prepare)
+
+    model_help = "checkpoint file (model.pt), MLflow run id, or models:/name/version"
+    classes_help = "class list file (one name per line): refuse a checkpoint trained on other classes"
+    uri_help = "MLflow tracking URI to look run ids and models:/ URIs up in (default sqlite:///mlflow.db)"
+    predict = sub.add_parser("predict", help="segment images: a colour mask and an overlay PNG per image")
+    predict.add_argument("model", help=model_help)
+    predict.add_argument("images", nargs="+", help="image files or folders of them (jpg/png)")
+    predict.add_argument("--out", required=True, help="folder for <name>.png masks and <name>_overlay.png")
+    predict.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
+    predict.add_argument("--window", type=_window_arg, default="auto",
+                         help="sliding window: auto (the training crop, for larger images), none, or a size")
+    predict.add_argument("--classes", default=None, help=classes_help)
+    predict.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    predict.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help=uri_help)
+    predict.set_defaults(func=_cmd_predict)
+
+    export = sub.add_parser("export", help="export a student to ONNX or TorchScript (dynamic batch and size)")
+    export.add_argument("model", help=model_help)
+    export.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export.add_argument("--allow-teacher", action="store_true", help="export a teacher checkpoint too")
+    export.add_argument("--classes", default=None, help=classes_help)
+    export.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help=uri_help)
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from mgd_ray.config import JobConfig, absolute_paths, parse_job_config
@@ -37,6 +44,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
             resume = load_state(Path(d))
     rank = ray.train.get_context().get_world_rank()
     fault = payload.get("fail_once_at_step")
+    mlflow_run = payload.get("mlflow")  # {"uri", "run_id"}: rank 0 logs every evaluation to this run
+    client = None
+    if mlflow_run is not None and rank == 0:
+        from mgd_ray.tracking import client_for
+
+        client = client_for(mlflow_run["uri"])
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         if fault is not None and rank == 0 and metrics["step"] >= fault:
@@ -44,6 +57,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
             if not marker.exists():
                 marker.touch()
                 raise RuntimeError(f"injected failure before reporting step {metrics['step']}")
+        if client is not None:
+            from mgd_ray.tracking import log_metrics
+
+            log_metrics(client, mlflow_run["run_id"], metrics, step=int(metrics["step"]))
         ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
         ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
 
@@ -61,6 +78,47 @@ class JobResult:
     metrics: dict[str, Any]
     model_path: Path
     result: Result
+
+
+def make_trainer(
+    cfg: JobConfig,
+    scaling: ScalingConfig,
+    storage: Path,
+    name: str,
+    max_failures: int = 0,
+    callbacks: list[Any] | None = None,
+    mlflow_run: dict[str, str] | None = None,
+    fail_once_at_step: int | None = None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of one job; ``cfg`` must already carry absolute paths and its manifest."""
+    payload: dict[str, Any] = {"kind": cfg.kind, "config": cfg.model_dump(mode="json")}
+    if mlflow_run is not None:
+        payload["mlflow"] = mlflow_run
+    if fail_once_at_step is not None:
+        storage.mkdir(parents=True, exist_ok=True)
+        payload |= {"fail_once_at_step": fail_once_at_step, "fault_marker": str(storage / f"{name}.fault")}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def export_model(result: Result, output: Path) -> Path:
+    """Copy the exported network (``model.pt`` of the last checkpoint) to ``output``."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"job finished without a checkpoint; see the logs under {result.path}")
+    output.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copyfile(Path(d) / MODEL_FILE, output / MODEL_FILE)
+    return output / MODEL_FILE
 
 
 def run_job(
@@ -82,25 +140,7 @@ def run_job(
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": prepare_manifest(cfg.data)})})
     storage = Path(storage_path).resolve()
     name = name or f"{cfg.kind}-{cfg.output.name}"
-    payload: dict[str, Any] = {"kind": cfg.kind, "config": cfg.model_dump(mode="json")}
-    if fail_once_at_step is not None:
-        storage.mkdir(parents=True, exist_ok=True)
-        payload |= {"fail_once_at_step": fail_once_at_step, "fault_marker": str(storage / f"{name}.fault")}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=payload,
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(),
-        ),
-    )
+    trainer = make_trainer(cfg, scaling, storage, name, max_failures, fail_once_at_step=fail_once_at_step)
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"job {name} finished without a checkpoint; see the logs under {storage / name}")
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copyfile(Path(d) / MODEL_FILE, cfg.output / MODEL_FILE)
-    return JobResult(metrics=dict(result.metrics or {}), model_path=cfg.output / MODEL_FILE, result=result)
+    model_path = export_model(result, cfg.output)
+    return JobResult(metrics=dict(result.metrics or {}), model_path=model_path, result=result)

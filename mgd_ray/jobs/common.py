@@ -21,7 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mgd_ray.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
-from mgd_ray.data.datasets import SegmentationDataset
+from mgd_ray.data.datasets import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    SegmentationDataset,
+    voc_palette,
+)
 from mgd_ray.data.partitions import (
     cityscapes_manifest,
     manifest_meta,
@@ -129,6 +134,7 @@ class JobData:
     num_classes: int
     class_names: list[str]
     manifest: Path
+    dataset: str = "folder"  # the manifest's dataset name: builtin, voc, cityscapes or folder
 
 
 def prepare_manifest(cfg: DataConfig) -> Path:
@@ -167,6 +173,7 @@ def load_job_data(cfg: DataConfig) -> JobData:
         num_classes=num_classes,
         class_names=list(meta["class_names"]),
         manifest=manifest,
+        dataset=str(meta["dataset"]),
     )
 
 
@@ -226,6 +233,17 @@ def eval_metrics(cm: ConfusionMatrix, class_names: list[str], prefix: str = "val
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def dataset_palette(dataset: str | None, class_names: list[str]) -> list[tuple[int, int, int]]:
+    """Colour per class id: Cityscapes' palette for Cityscapes, else the VOC colour map.
+
+    The VOC map is VOC's own and the deterministic one the built-in masks are written with; a record
+    without a dataset name (written before it was stored) is recognised as Cityscapes by its classes.
+    """
+    if dataset == "cityscapes" or (dataset is None and tuple(class_names) == CITYSCAPES_CLASSES):
+        return [tuple(c) for c in CITYSCAPES_PALETTE]
+    return list(voc_palette(len(class_names)))
+
+
 def segmenter_record(model: nn.Module, cfg: ModelConfig, data: JobData, crop_size: int, role: str) -> dict[str, Any]:
     """A self-describing model record: enough to rebuild, check and use the network later."""
     return {
@@ -237,6 +255,8 @@ def segmenter_record(model: nn.Module, cfg: ModelConfig, data: JobData, crop_siz
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "crop_size": crop_size,
+        "dataset": data.dataset,
+        "palette": [list(c) for c in dataset_palette(data.dataset, data.class_names)],
         "state_dict": unwrap(model).state_dict(),
     }
 

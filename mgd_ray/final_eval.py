@@ -1,0 +1,59 @@
+"""Evaluate a finished model on the val split, in one process: confusion matrix and example predictions.
+
+Runs where the job's driver runs (after Ray Train returns), so the artifacts a run logs — the
+confusion-matrix plot and prediction overlays — come from the exported checkpoint itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgd_ray.config import DataConfig, ModelConfig
+from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mgd_ray.distributed import DistEnv
+from mgd_ray.jobs.common import JobData, evaluate, load_job_data, load_segmenter
+
+
+@dataclass
+class FinalEval:
+    confusion: np.ndarray  # (C, C), rows = ground truth
+    miou: float
+    class_names: list[str]
+
+
+def load_model(path: Path, num_classes: int, what: str) -> torch.nn.Module:
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    return load_segmenter(path, ModelConfig.model_validate(record["model"]), num_classes, what).eval()
+
+
+def evaluate_checkpoint(path: Path, data: JobData, batch: int = 8, window: int | None = None) -> FinalEval:
+    model = load_model(path, data.num_classes, "model")
+    cm = evaluate(model, data, DistEnv(0, 1, torch.device("cpu")), batch, window)
+    return FinalEval(confusion=cm.matrix.cpu().numpy(), miou=float(cm.miou()), class_names=data.class_names)
+
+
+@torch.no_grad()
+def example_predictions(
+    models: dict[str, Path], data: JobData, count: int = 4
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """(images as HxWx3 uint8, ground truths, {model name: predicted label maps}) on the first val images."""
+    loaded = {name: load_model(p, data.num_classes, name) for name, p in models.items()}
+    images, truths, preds = [], [], {name: [] for name in models}
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for i in range(min(count, len(data.val))):
+        item = data.val[i]
+        x = item["image"]
+        images.append(((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
+        truths.append(item["label"].numpy())
+        for name, model in loaded.items():
+            preds[name].append(model(x[None]).logits.argmax(1)[0].numpy())
+    return images, truths, preds
+
+
+def job_data(cfg: DataConfig) -> JobData:
+    return load_job_data(cfg)

@@ -1,0 +1,250 @@
+"""The end of a study: a report that says honestly where MGD stands, saved to disk and to MLflow.
+
+Everything is read back from MLflow (the source of truth, also after ``--resume``): trials with their
+params, best val mIoU, evaluations run and state; baselines and the best configuration as mean ± std
+over seeds; teachers; params/FLOPs of student and teachers; Optuna's plots and the mIoU–FLOPs
+picture (the paper's Fig. 1) for this study; the best student logged as a served, registered model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgd_ray import tracking
+from mgd_ray.config import ModelConfig
+from mgd_ray.models.complexity import count_flops, count_params
+from mgd_ray.models.deeplab import build_segmenter
+
+METRIC = "val/mIoU"
+
+
+def _child_runs(plan: Any) -> list[Any]:
+    client = tracking.client_for(plan.tracking_uri)
+    return client.search_runs(
+        [plan.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=5000
+    )
+
+
+def finalize_stopped(plan: Any) -> None:
+    """Runs still marked running after their stage ended were stopped early by ASHA: say so in MLflow."""
+    client = tracking.client_for(plan.tracking_uri)
+    for run in _child_runs(plan):
+        if run.data.tags.get(tracking.STATE_TAG) == "running":
+            tracking.set_tags(client, run.info.run_id, {tracking.STATE_TAG: "stopped_early"})
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_row(client: Any, run: Any) -> dict[str, Any]:
+    history = tracking.metric_history(client, run.info.run_id, METRIC)
+    tags = run.data.tags
+    return {
+        "run_id": run.info.run_id,
+        "name": tags.get("mlflow.runName", run.info.run_id),
+        "kind": tags.get(tracking.KIND_TAG),
+        "state": tags.get(tracking.STATE_TAG),
+        "seed": tags.get("mgd_ray.seed"),
+        "baseline": tags.get("mgd_ray.baseline"),
+        "params": json.loads(tags.get("mgd_ray.params", "{}")),
+        "miou": max((v for _, v in history if not math.isnan(v)), default=None),
+        "evals": len(history),
+        "last_step": history[-1][0] if history else 0,
+    }
+
+
+def collect(plan: Any) -> list[dict[str, Any]]:
+    client = tracking.client_for(plan.tracking_uri)
+    return [run_row(client, r) for r in _child_runs(plan)]
+
+
+def best_trial_params(plan: Any) -> dict[str, Any]:
+    finalize_stopped(plan)
+    trials = [r for r in collect(plan) if r["kind"] == "trial" and r["miou"] is not None and r["state"] == "finished"]
+    if not trials:
+        raise RuntimeError(f"study {plan.study.name}: no search trial finished with a {METRIC}")
+    return max(trials, key=lambda r: r["miou"])["params"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_ms(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{100 * m:.2f} ± {100 * s:.2f} (n={len(values)})" if values else "n/a"
+
+
+def complexity(model: ModelConfig, num_classes: int, size: int) -> tuple[float, float]:
+    """(params in M, GFLOPs at size×size) of a whole segmenter, counted on the meta device."""
+    with torch.device("meta"):
+        net = build_segmenter(model.backbone, num_classes, model.output_stride, stem=model.stem)
+    return count_params(net) / 1e6, count_flops(net, (size, size)) / 1e9
+
+
+def write_report(plan: Any, state: dict[str, Any]) -> Path:
+    """Write ``report.md`` (+ plots) under the study's folder and log them to the parent run."""
+    from mgd_ray.final_eval import job_data
+
+    study = plan.study
+    client = tracking.client_for(plan.tracking_uri)
+    finalize_stopped(plan)
+    rows = collect(plan)
+    data = job_data(study.data)
+    size = study.data.crop_size
+    trials = sorted((r for r in rows if r["kind"] == "trial"), key=lambda r: -(r["miou"] or -1))
+    finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
+    best = finished[0] if finished else None
+
+    lines = [f"# Study `{study.name}`", "", study.description.strip(), ""]
+    lines += [f"MLflow: `{plan.tracking_uri}`, experiment `{study.experiment}`, parent run `{plan.parent_run_id}`.", ""]
+
+    # Teachers
+    teacher_rows = []
+    lines += ["## Teachers", "", "| teacher | backbone | source | val mIoU | params (M) | GFLOPs |", "|---|---|---|---|---|---|"]
+    for name, spec in study.teachers.items():
+        info = state.get("teachers", {}).get(name, {})
+        miou = None
+        if "run_id" in info:
+            hist = tracking.metric_history(client, info["run_id"], METRIC)
+            miou = max((v for _, v in hist), default=None)
+        p, g = complexity(spec.model, data.num_classes, size)
+        teacher_rows.append({"name": f"teacher {name} ({spec.model.backbone})", "kind": "teacher", "miou": miou, "gflops": g})
+        lines.append(f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {p:.2f} | {g:.2f} |")
+    sp, sg = complexity(study.student, data.num_classes, size)
+    lines += ["", f"Student: {study.student.backbone}, {sp:.2f} M params, {sg:.2f} GFLOPs at {size}×{size}.", ""]
+
+    # Baselines and the best configuration over seeds
+    lines += ["## MGD against the baselines (best val mIoU, mean ± std over seeds)", "", "| method | val mIoU (%) |", "|---|---|"]
+    summary: dict[str, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "baseline" and r["miou"] is not None:
+            summary.setdefault(r["baseline"], []).append(r["miou"])
+    mgd_values: list[float] = []
+    if best is not None:
+        mgd_values = [best["miou"]] + [
+            r["miou"] for r in rows if r["kind"] == "repeat" and r["params"] == best["params"] and r["miou"] is not None
+        ]
+    for name, values in summary.items():
+        lines.append(f"| {name} | {fmt_ms(values)} |")
+    lines.append(f"| MGD (best searched configuration) | {fmt_ms(mgd_values)} |")
+    lines += ["", _verdict(mgd_values, summary, teacher_rows), ""]
+
+    # Trials
+    names = sorted({k for r in trials for k in r["params"]})
+    lines += ["## Search trials", "", "| trial | " + " | ".join(names) + " | best val mIoU | evaluations | state |"]
+    lines.append("|---" * (len(names) + 4) + "|")
+    for r in trials:
+        vals = " | ".join(_fmt(r["params"].get(k)) for k in names)
+        lines.append(f"| {r['name']} | {vals} | {_pct(r['miou'])} | {r['evals']} | {r['state']} |")
+    if best is not None:
+        lines += ["", f"Best configuration: `{json.dumps(best['params'], sort_keys=True)}` ({_pct(best['miou'])} %).", ""]
+
+    out_dir = plan.root / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pictures = _plots(plan, rows, trials, summary, teacher_rows, sg, out_dir)
+    if pictures:
+        lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pictures] + [""]
+    if best is not None:
+        uri = _log_best(plan, best, sp, sg, data.num_classes)
+        lines += [f"Best student logged as `{uri}` (load with `mlflow.pytorch.load_model`).", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    tracking.log_files(client, plan.parent_run_id, [report, *pictures], "report")
+    if best is not None:
+        tracking.log_metrics(client, plan.parent_run_id, {"best/val_mIoU": best["miou"]}, step=0)
+    print("\n".join(lines))
+    return report
+
+
+def _verdict(mgd: list[float], baselines: dict[str, list[float]], teachers: list[dict[str, Any]]) -> str:
+    """One honest sentence per comparison: the gap and whether it exceeds the seed-to-seed spread."""
+    if not mgd:
+        return "No MGD trial finished."
+    m, s = mean_std(mgd)
+    out = []
+    for name, values in baselines.items():
+        bm, bs = mean_std(values)
+        gap = m - bm
+        noise = max(s, bs)
+        side = "above" if gap >= 0 else "below"
+        if noise > 0:
+            rel = "larger than" if abs(gap) > 2 * noise else "within"
+            rel = f"{rel} twice the seed-to-seed spread of {100 * noise:.2f}"
+        else:
+            rel = "one seed each: the spread between seeds is unknown, add seeds to tell"
+        out.append(f"MGD is {100 * abs(gap):.2f} mIoU {side} {name} ({rel}).")
+    for t in teachers:
+        if t["miou"] is not None:
+            out.append(f"The {t['name']} reaches {100 * t['miou']:.2f} mIoU at {t['gflops']:.2f} GFLOPs.")
+    return " ".join(out)
+
+
+def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, student_gflops: float, out: Path) -> list[Path]:
+    from mgd_ray.plots import plot_miou_vs_cost
+    from mgd_ray.study_search import optuna_study_from
+
+    pictures = []
+    points = [{"name": r["name"], "kind": "trial", "miou": r["miou"], "gflops": student_gflops} for r in trials if r["miou"] is not None]
+    points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0], "gflops": student_gflops} for n, v in summary.items()]
+    points += [t for t in teachers if t["miou"] is not None]
+    if points:
+        path = out / "miou_vs_gflops.png"
+        plot_miou_vs_cost(points, path, cost_key="gflops")
+        pictures.append(path)
+    ostudy = optuna_study_from(trials, plan.study.search)
+    if len(ostudy.trials) >= 2:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import optuna.visualization.matplotlib as ovm
+
+        makers = {"optimization_history": ovm.plot_optimization_history, "slice": ovm.plot_slice}
+        if len(ostudy.trials) >= 3 and len(ostudy.trials[0].params) >= 2:
+            makers["param_importances"] = ovm.plot_param_importances
+        for name, make in makers.items():
+            ax = make(ostudy)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            path = out / f"optuna_{name}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            pictures.append(path)
+    return pictures
+
+
+def _log_best(plan: Any, best: dict[str, Any], params_m: float, gflops: float, num_classes: int) -> str:
+    from mgd_ray.final_eval import load_model
+
+    client = tracking.client_for(plan.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = tracking.download_checkpoint(plan.tracking_uri, best["run_id"], Path(tmp))
+        model = load_model(ckpt, num_classes, "best student")
+        tracking.log_files(client, plan.parent_run_id, [ckpt], "best_student_checkpoint")
+    s = plan.study
+    card = (
+        f"MGD student {s.student.backbone} distilled from {', '.join(f'{n}={t.model.backbone}' for n, t in s.teachers.items())}\n"
+        f"dataset {s.data.dataset}, partition {s.data.partition} ({s.data.protocol}); val mIoU {100 * best['miou']:.2f}\n"
+        f"params {params_m:.2f} M, {gflops:.2f} GFLOPs at {s.data.crop_size}^2; study {s.name}, "
+        f"trial run {best['run_id']}, config {json.dumps(best['params'], sort_keys=True)}"
+    )
+    return tracking.log_served_model(
+        plan.tracking_uri, plan.parent_run_id, model, s.data.crop_size, f"{s.name}-student", card
+    )
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,430 @@
+"""Run a study: teachers (once, reused through MLflow) → baselines → Optuna search → seed repeats → report.
+
+Every stage is a Ray Tune experiment whose trials each drive one Ray Train job (the Train V2 way of
+composing them: a Tune function that builds a ``TorchTrainer`` with ``TuneReportCallback``). Tune
+schedules trials onto the cluster (``max_concurrent``; the Tune function itself reserves no CPU,
+its Train workers do), Optuna proposes the search's configurations, ASHA stops weak ones early,
+and MLflow records it all under one parent run. ``resume=True`` restores each unfinished Tune
+experiment and reuses the parent run; finished trials are never run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from ray.train import ScalingConfig
+
+from mgd_ray import tracking
+from mgd_ray.config import (
+    BaselineJobConfig,
+    CheckpointRef,
+    DistillJobConfig,
+    JobConfig,
+    TeacherJobConfig,
+    absolute_paths,
+)
+from mgd_ray.jobs.common import prepare_manifest
+from mgd_ray.study_config import Resources, StudyConfig
+from mgd_ray.study_search import make_scheduler, make_searcher, optuna_distributions
+
+log = logging.getLogger("mgd_ray.study")
+STATE_FILE = "study_state.json"
+# A trial's own process only drives its Train job; its workers hold the CPUs/GPUs. Tune refuses an
+# empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
+DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
+
+
+# ---------------------------------------------------------------------------- the plan of a study
+@dataclass
+class Plan:
+    """Everything a trial needs, resolved by the driver: absolute paths, MLflow ids, teacher files."""
+
+    study: StudyConfig
+    root: Path  # <storage>/<study name>/<instance>
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    teachers: dict[str, Path] = field(default_factory=dict)
+
+    def scaling(self, teacher: bool = False) -> ScalingConfig:
+        r: Resources = (self.study.teacher_resources or self.study.resources) if teacher else self.study.resources
+        per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+        return ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker)
+
+
+def teacher_key(study: StudyConfig, name: str) -> str:
+    """Identity of a teacher pretraining: same data, partition, architecture, recipe → same teacher."""
+    spec = study.teachers[name]
+    d = study.data
+    data_id: dict[str, Any] = {
+        "dataset": d.dataset,
+        "partition": d.partition,
+        "protocol": d.protocol,
+        "partition_seed": d.partition_seed,
+        "crop_size": d.crop_size,
+        "scales": list(d.scales),
+    }
+    data_id |= {"builtin": d.builtin.model_dump()} if d.dataset == "builtin" else {"root": str(Path(d.root).resolve())}
+    blob = {"data": data_id, "model": spec.model.model_dump(mode="json"), "recipe": spec.effective_recipe.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def teacher_job(plan: Plan, name: str) -> TeacherJobConfig:
+    s, spec = plan.study, plan.study.teachers[name]
+    r = spec.effective_recipe
+    return TeacherJobConfig(
+        data=s.data, model=spec.model, optim=r.optim, schedule=r.schedule, cps_weight=r.cps_weight, ohem=r.ohem,
+        output=plan.root / "teachers" / name,
+    )
+
+
+def combo_teachers(combo: str) -> tuple[str, str]:
+    """``"A+B"`` → (image teacher A, region teacher B); ``"A"`` → (A, A)."""
+    parts = combo.split("+")
+    return parts[0], parts[-1]
+
+
+def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> DistillJobConfig:
+    """The study's default distillation with the searched ``params`` applied."""
+    s = plan.study
+    losses = s.distill.losses
+    if "teachers" in params:
+        image_t, region_t = combo_teachers(params["teachers"])
+        losses = losses.model_copy(update={"image_teachers": (image_t,), "region_teachers": (region_t,), "pixel_teachers": None})
+        used = list(dict.fromkeys([image_t, region_t]))
+    else:
+        used = list(losses.pixel_teachers or dict.fromkeys([*losses.image_teachers, *losses.region_teachers])) or list(s.teachers)
+    update = {k: params[k] for k in ("lambda_1", "lambda_2", "pool_size") if k in params}
+    update |= {k: params[k] for k in ("pixel_labeled", "pixel_unlabeled") if k in params}
+    if params.get("image_level") is False:
+        update["image_teachers"] = ()
+    if params.get("region_level") is False:
+        update["region_teachers"] = ()
+    losses = losses.model_copy(update=update)
+    schedule = s.schedule.model_copy(update={"seed": seed} | ({"iterations": params["iterations"]} if "iterations" in params else {}))
+    optim = s.optim.model_copy(update={"lr": params["lr"]} if "lr" in params else {})
+    return DistillJobConfig(
+        data=s.data,
+        student=s.student,
+        teachers={n: CheckpointRef(model=s.teachers[n].model, checkpoint=plan.teachers[n]) for n in used},
+        teacher_mode=s.distill.teacher_mode,
+        losses=losses,
+        optim=optim,
+        schedule=schedule,
+        output=output,
+    )
+
+
+def baseline_job(plan: Plan, index: int, seed: int, output: Path) -> BaselineJobConfig:
+    s = plan.study
+    b = s.baselines[index]
+    teacher = None
+    if b.teacher is not None:
+        teacher = CheckpointRef(model=s.teachers[b.teacher].model, checkpoint=plan.teachers[b.teacher])
+    return BaselineJobConfig(
+        method=b.method, data=s.data, student=s.student, teacher=teacher, ema_decay=b.ema_decay,
+        consistency_weight=b.consistency_weight, temperature=b.temperature, optim=s.optim,
+        schedule=s.schedule.model_copy(update={"seed": seed}), output=output,
+    )
+
+
+# ---------------------------------------------------------------------------- one Tune trial = one Train job
+@dataclass
+class TrialJob:
+    """What one trial runs and how its MLflow run is found again."""
+
+    cfg: JobConfig
+    key: str
+    name: str
+    kind: str  # teacher | baseline | trial | repeat
+    params: dict[str, Any]
+    tags: dict[str, str]
+    teacher: bool = False
+
+
+def trial_job(plan: Plan, config: dict[str, Any]) -> TrialJob:
+    stage = config["stage"]
+    study = plan.study.name
+    base = {tracking.STUDY_TAG: study, "mgd_ray.stage": stage}
+    if stage == "teachers":
+        name = config["teacher"]
+        key = teacher_key(plan.study, name)
+        cfg = teacher_job(plan, name)
+        tags = base | {tracking.KIND_TAG: "teacher", tracking.TEACHER_KEY_TAG: key, "mgd_ray.teacher": name}
+        return TrialJob(cfg, f"{plan.parent_run_id}/teacher/{name}", f"teacher {name}", "teacher", {}, tags, teacher=True)
+    seed = int(config.get("seed", plan.study.seeds[0]))
+    if stage == "baselines":
+        index = int(config["baseline"])
+        bname = plan.study.baselines[index].name
+        cfg = baseline_job(plan, index, seed, plan.root / "baselines" / f"{bname}-s{seed}")
+        tags = base | {tracking.KIND_TAG: "baseline", "mgd_ray.baseline": bname, "mgd_ray.seed": str(seed)}
+        return TrialJob(cfg, f"{plan.parent_run_id}/baseline/{bname}/{seed}", f"{bname} s{seed}", "baseline", {}, tags)
+    params = {k: v for k, v in config.items() if k in optuna_distributions(plan.study.search)}
+    if stage == "repeats":
+        params = dict(config["params"])
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+        cfg = distill_job(plan, params, seed, plan.root / "repeats" / f"{digest}-s{seed}")
+        tags = base | {tracking.KIND_TAG: "repeat", "mgd_ray.seed": str(seed), "mgd_ray.config": digest}
+        return TrialJob(cfg, f"{plan.parent_run_id}/repeat/{digest}/{seed}", f"best s{seed}", "repeat", params, tags)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = distill_job(plan, params, seed, plan.root / "trials" / trial_id)
+    tags = base | {tracking.KIND_TAG: "trial", "mgd_ray.trial_id": trial_id, "mgd_ray.seed": str(seed)}
+    return TrialJob(cfg, f"{plan.parent_run_id}/trial/{trial_id}", f"trial {trial_id}", "trial", params, tags)
+
+
+def run_trial(config: dict[str, Any], plan: Plan) -> None:
+    """A Tune function trial: create/find its MLflow run, run the Train job, log artifacts, close the run."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mgd_ray.train import export_model, make_trainer
+
+    job = trial_job(plan, config)
+    client = tracking.client_for(plan.tracking_uri)
+    run_id, _ = tracking.get_or_create_run(client, plan.experiment_id, job.key, job.name, job.tags, plan.parent_run_id)
+    tracking.set_tags(client, run_id, {tracking.STATE_TAG: "running", "mgd_ray.params": json.dumps(job.params, sort_keys=True)})
+    tracking.log_params(
+        client, run_id, {f"search.{k}": v for k, v in job.params.items()} | tracking.flatten("", job.cfg.model_dump(mode="json"))
+    )
+    # A restarted trial continues its Train run (same name and storage → Ray resumes from its checkpoint).
+    train_name = job.key.replace("/", "-")
+    start = time.time()
+    trainer = make_trainer(
+        job.cfg,
+        plan.scaling(teacher=job.teacher),
+        plan.root / "ray_train",
+        train_name,
+        max_failures=1,
+        callbacks=[TuneReportCallback()],
+        mlflow_run={"uri": plan.tracking_uri, "run_id": run_id},
+    )
+    try:
+        result = trainer.fit()
+        model_path = export_model(result, job.cfg.output)
+        tracking.log_files(client, run_id, [model_path], "checkpoint")
+        log_model_artifacts(plan, client, run_id, model_path, job)
+    except BaseException:
+        tracking.set_tags(client, run_id, {tracking.STATE_TAG: "failed"})
+        client.set_terminated(run_id, "FAILED")
+        raise
+    tracking.log_metrics(client, run_id, {"time/train_s": time.time() - start}, step=int(job.cfg.schedule.iterations))
+    tracking.set_tags(client, run_id, {tracking.STATE_TAG: "finished"})
+    client.set_terminated(run_id, "FINISHED")
+
+
+def log_model_artifacts(plan: Plan, client: Any, run_id: str, model_path: Path, job: TrialJob) -> None:
+    """Confusion-matrix plot and prediction overlays (image | truth | this model | teachers)."""
+    import tempfile
+
+    from mgd_ray.data.datasets import voc_palette
+    from mgd_ray.final_eval import evaluate_checkpoint, example_predictions, job_data
+    from mgd_ray.plots import overlay_grid, plot_confusion_matrix
+
+    data = job_data(job.cfg.data)
+    final = evaluate_checkpoint(model_path, data, batch=job.cfg.schedule.eval_batch, window=job.cfg.data.eval_window)
+    models = {"model": model_path} | ({} if job.teacher else {n: p for n, p in plan.teachers.items()})
+    images, truths, preds = example_predictions(models, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        cm_png = Path(tmp) / "confusion_matrix.png"
+        plot_confusion_matrix(final.confusion, final.class_names, cm_png)
+        ov_png = Path(tmp) / "predictions.png"
+        overlay_grid({"ground truth": truths} | preds, images, voc_palette(256), ov_png)
+        tracking.log_files(client, run_id, [cm_png, ov_png], "plots")
+    tracking.log_metrics(client, run_id, {"final/val_mIoU": final.miou}, step=int(job.cfg.schedule.iterations))
+
+
+# ---------------------------------------------------------------------------- stages
+def _tune_run_config(plan: Plan, stage: str) -> ray.tune.RunConfig:
+    return ray.tune.RunConfig(
+        name=stage,
+        storage_path=str(plan.root / "tune"),
+        failure_config=ray.tune.FailureConfig(max_failures=0),
+        verbose=1,
+    )
+
+
+def _tuner(plan: Plan, stage: str, resume: bool, **kwargs: Any) -> ray.tune.Tuner:
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), DRIVER_RESOURCES)
+    path = plan.root / "tune" / stage
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        log.info("resuming stage %s from %s", stage, path)
+        return ray.tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    if path.exists():
+        shutil.rmtree(path)
+    return ray.tune.Tuner(trainable, run_config=_tune_run_config(plan, stage), **kwargs)
+
+
+def _check(results: Any, stage: str) -> None:
+    errors = [r for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"stage {stage}: {len(errors)} trial(s) failed; first error: {errors[0].error}")
+
+
+def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
+    """Teacher checkpoints: given files, given MLflow runs, earlier pretrainings (any study), or train now."""
+    client = tracking.client_for(plan.tracking_uri)
+    info: dict[str, dict[str, Any]] = {}
+    to_train = []
+    for name, spec in plan.study.teachers.items():
+        if spec.checkpoint is not None:
+            plan.teachers[name] = Path(spec.checkpoint).resolve()
+            info[name] = {"source": f"file {spec.checkpoint}"}
+            continue
+        run = None
+        if spec.mlflow_run is not None:
+            run = client.get_run(spec.mlflow_run)
+        else:
+            run = tracking.find_teacher(client, teacher_key(plan.study, name))
+        if run is not None:
+            plan.teachers[name] = tracking.download_checkpoint(plan.tracking_uri, run.info.run_id, plan.root / "teachers" / name)
+            info[name] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
+            continue
+        to_train.append(name)
+    if to_train:
+        tuner = _tuner(
+            plan, "teachers", resume,
+            param_space={"stage": "teachers", "teacher": ray.tune.grid_search(to_train)},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.study.searcher.max_concurrent),
+        )
+        _check(tuner.fit(), "teachers")
+        for name in to_train:
+            run = tracking.find_teacher(client, teacher_key(plan.study, name))
+            if run is None:
+                raise RuntimeError(f"teacher {name} trained but its MLflow run is missing")
+            plan.teachers[name] = plan.root / "teachers" / name / "model.pt"
+            info[name] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+    return info
+
+
+def stage_baselines(plan: Plan, resume: bool) -> None:
+    if not plan.study.baselines:
+        return
+    tuner = _tuner(
+        plan, "baselines", resume,
+        param_space={
+            "stage": "baselines",
+            "baseline": ray.tune.grid_search(list(range(len(plan.study.baselines)))),
+            "seed": ray.tune.grid_search(list(plan.study.seeds)),
+        },
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.study.searcher.max_concurrent),
+    )
+    _check(tuner.fit(), "baselines")
+
+
+def stage_search(plan: Plan, resume: bool) -> Any:
+    s = plan.study
+    tuner = _tuner(
+        plan, "search", resume,
+        param_space={"stage": "search", "seed": s.seeds[0]},
+        tune_config=ray.tune.TuneConfig(
+            metric="val/mIoU",
+            mode="max",
+            search_alg=make_searcher(s),
+            scheduler=make_scheduler(s),
+            num_samples=s.searcher.num_samples,
+            max_concurrent_trials=s.searcher.max_concurrent,
+        ),
+    )
+    results = tuner.fit()
+    _check(results, "search")
+    return results
+
+
+def stage_repeats(plan: Plan, best_params: dict[str, Any], resume: bool) -> None:
+    """Re-run the best configuration on the other seeds, so its mean ± std sits beside the baselines'."""
+    extra = plan.study.seeds[1:]
+    if not extra:
+        return
+    tuner = _tuner(
+        plan, "repeats", resume,
+        param_space={"stage": "repeats", "params": best_params, "seed": ray.tune.grid_search(list(extra))},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.study.searcher.max_concurrent),
+    )
+    _check(tuner.fit(), "repeats")
+
+
+# ---------------------------------------------------------------------------- the whole study
+def _state_path(study: StudyConfig, storage: Path) -> Path:
+    return storage / study.name / STATE_FILE
+
+
+def run_study(study: StudyConfig, source: Path | None = None, resume: bool = False, base: Path | None = None) -> Path:
+    """Run (or resume) a whole study on the Ray cluster ``ray.init`` finds; returns the report file."""
+    from mgd_ray.report import write_report
+
+    base = base or Path.cwd()
+    storage = Path(study.storage_path)
+    storage = storage if storage.is_absolute() else (base / storage).resolve()
+    uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
+    study = study.model_copy(update={"data": absolute_paths(study.data, base)})
+    study = study.model_copy(update={"data": study.data.model_copy(update={"manifest": prepare_manifest(study.data)})})
+    client = tracking.client_for(uri)
+    exp_id = tracking.ensure_experiment(client, study.experiment)
+
+    state_file = _state_path(study, storage)
+    state: dict[str, Any] = {}
+    if resume and state_file.is_file():
+        state = json.loads(state_file.read_text())
+    elif resume:
+        log.warning("no earlier run of study %s under %s: starting it afresh", study.name, storage)
+    if not state or state.get("done"):
+        instance = time.strftime("%Y%m%d-%H%M%S")
+        parent_id, _ = tracking.get_or_create_run(
+            client, exp_id, f"study/{study.name}/{instance}", f"study {study.name}",
+            {tracking.STUDY_TAG: study.name, tracking.KIND_TAG: "study"},
+        )
+        state = {"parent_run_id": parent_id, "instance": instance, "stages": {}}
+    parent_id = state["parent_run_id"]
+    plan = Plan(study, storage / study.name / state["instance"], uri, exp_id, parent_id)
+    plan.root.mkdir(parents=True, exist_ok=True)
+
+    def save_state() -> None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(state, indent=2))
+
+    save_state()
+    tracking.set_tags(client, parent_id, {tracking.STATE_TAG: "running"})
+    tracking.log_params(client, parent_id, tracking.flatten("", study.model_dump(mode="json")))
+    if source is not None:
+        tracking.log_files(client, parent_id, [source], "study")
+    resolved = plan.root / "resolved_study.json"
+    resolved.write_text(study.model_dump_json(indent=2))
+    tracking.log_files(client, parent_id, [resolved], "study")
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        state["teachers"] = stage_teachers(plan, resume)
+        save_state()
+        if not state["stages"].get("baselines"):
+            stage_baselines(plan, resume)
+            state["stages"]["baselines"] = True
+            save_state()
+        if not state["stages"].get("search"):
+            stage_search(plan, resume)
+            state["stages"]["search"] = True
+            save_state()
+        from mgd_ray.report import best_trial_params
+
+        best = best_trial_params(plan)
+        if not state["stages"].get("repeats"):
+            stage_repeats(plan, best, resume)
+            state["stages"]["repeats"] = True
+            save_state()
+        report = write_report(plan, state)
+    except BaseException:
+        tracking.set_tags(client, parent_id, {tracking.STATE_TAG: "interrupted"})
+        raise
+    state["done"] = True
+    save_state()
+    tracking.set_tags(client, parent_id, {tracking.STATE_TAG: "finished"})
+    client.set_terminated(parent_id, "FINISHED")
+    return report

@@ -1,0 +1,374 @@
+"""The study file: one validated schema from which every job of a study is derived.
+
+A study is: a dataset + partition, named teachers (pretrained with a CPS recipe, or reused from a
+checkpoint / MLflow run), a student, baselines, and a search space over the distillation settings,
+explored by Optuna inside Ray Tune. ``load_study`` turns YAML into a frozen ``StudyConfig``;
+``mgd-ray validate`` prints every error with its YAML path (``search.lambda_1.low: must be > 0``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mgd_ray.config import (
+    ConfigError,
+    DataConfig,
+    DistillLosses,
+    ModelConfig,
+    NonNegFloat,
+    OptimConfig,
+    PositiveInt,
+    ScheduleConfig,
+    Strict,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class FloatRange(Strict):
+    """A continuous range; ``log: true`` samples log-uniformly (use it for weights spanning decades)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.log and self.low <= 0:
+            raise ValueError("low: must be > 0 for a log range")
+        if self.low > self.high:
+            raise ValueError(f"high: must be >= low ({self.low}), got {self.high}")
+        return self
+
+
+class IntRange(Strict):
+    low: int
+    high: int
+    step: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"high: must be >= low ({self.low}), got {self.high}")
+        return self
+
+
+class FloatChoices(Strict):
+    choices: Annotated[list[float], Field(min_length=1)]
+
+
+class IntChoices(Strict):
+    choices: Annotated[list[int], Field(min_length=1)]
+
+
+class BoolChoices(Strict):
+    choices: Annotated[list[bool], Field(min_length=1)]
+
+
+class StrChoices(Strict):
+    choices: Annotated[list[str], Field(min_length=1)]
+
+
+def _kind(value: Any) -> str:
+    """A search parameter is a list of ``choices`` or a range (``low``/``high``): pick by its keys."""
+    return "choice-list" if isinstance(value, dict) and "choices" in value else "range-spec"
+
+
+FloatParam = Annotated[
+    Annotated[FloatRange, Tag("range-spec")] | Annotated[FloatChoices, Tag("choice-list")], Discriminator(_kind)
+]
+IntParam = Annotated[Annotated[IntRange, Tag("range-spec")] | Annotated[IntChoices, Tag("choice-list")], Discriminator(_kind)]
+
+
+class SearchSpace(Strict):
+    """What the search varies; anything left out keeps the value of ``distill``/``schedule``/``optim``.
+
+    ``teachers`` choices are ``"A+B"`` (A feeds the image-level term, B the region-level term, both
+    the pixel-level term) or ``"A"`` (one teacher for every term); names are keys of ``teachers``.
+    """
+
+    lambda_1: FloatParam | None = None
+    lambda_2: FloatParam | None = None
+    pool_size: IntParam | None = None
+    lr: FloatParam | None = None
+    iterations: IntChoices | None = None
+    teachers: StrChoices | None = None
+    pixel_labeled: BoolChoices | None = None
+    pixel_unlabeled: BoolChoices | None = None
+    image_level: BoolChoices | None = None
+    region_level: BoolChoices | None = None
+
+    @field_validator("lambda_1", "lambda_2", "lr")
+    @classmethod
+    def _positive(cls, value: FloatRange | FloatChoices | None, info: Any) -> Any:
+        if isinstance(value, FloatRange) and value.low <= 0 and info.field_name == "lr":
+            raise ValueError("low: must be > 0")
+        if isinstance(value, FloatRange) and value.low < 0:
+            raise ValueError("low: must be >= 0 (a loss weight)")
+        if isinstance(value, FloatChoices) and any(v < 0 for v in value.choices):
+            raise ValueError("choices: weights must be >= 0")
+        return value
+
+    @field_validator("pool_size", "iterations")
+    @classmethod
+    def _positive_int(cls, value: IntRange | IntChoices | None) -> Any:
+        if isinstance(value, IntRange) and value.low < 1:
+            raise ValueError("low: must be >= 1")
+        if isinstance(value, IntChoices) and min(value.choices) < 1:
+            raise ValueError("choices: must all be >= 1")
+        return value
+
+    def searched(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+
+class TeacherRecipe(Strict):
+    """How to pretrain a teacher with CPS when no checkpoint is given (method notes, 'Teachers')."""
+
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    cps_weight: NonNegFloat = 1.0
+    ohem: bool = False
+
+
+class TeacherSpec(Strict):
+    """A frozen teacher: pretrained here (``recipe``), or reused (``checkpoint`` file or ``mlflow_run`` id)."""
+
+    model: ModelConfig
+    recipe: TeacherRecipe | None = None
+    checkpoint: Path | None = None
+    mlflow_run: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        given = [k for k in ("recipe", "checkpoint", "mlflow_run") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of recipe, checkpoint, mlflow_run (got {', '.join(given)})")
+        return self
+
+    @property
+    def effective_recipe(self) -> TeacherRecipe:
+        return self.recipe or TeacherRecipe()
+
+
+class BaselineSpec(Strict):
+    """A baseline of Table 1 run beside the search, on the study's student, schedule and data."""
+
+    method: Literal["supervised", "mean_teacher", "cps", "kd", "cwd"]
+    teacher: str | None = None
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    consistency_weight: NonNegFloat = 1.0
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.method if self.teacher is None else f"{self.method}[{self.teacher}]"
+
+
+class DistillDefaults(Strict):
+    """The distillation every trial starts from before the search overrides it."""
+
+    losses: DistillLosses = DistillLosses()
+    teacher_mode: Literal["eval", "train"] = "eval"
+
+
+class SearcherConfig(Strict):
+    sampler: Literal["tpe", "random", "cmaes"] = "tpe"
+    seed: int = 0
+    num_samples: PositiveInt = 8
+    max_concurrent: PositiveInt = 2
+
+
+class SchedulerConfig(Strict):
+    """ASHA stops weak trials at evaluation rungs (``grace_period`` evaluations, then × reduction_factor)."""
+
+    type: Literal["asha", "none"] = "asha"
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+
+
+class Resources(Strict):
+    """Per training job: DDP workers and what each reserves (fractional GPUs share a device)."""
+
+    workers: PositiveInt = 1
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class StudyConfig(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str = ""
+    gpu_budget: str | None = None  # what the study expects, in words ("8 x A100, ~2 days")
+    data: DataConfig = DataConfig()
+    teachers: dict[str, TeacherSpec]
+    student: ModelConfig = ModelConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    optim: OptimConfig = OptimConfig()
+    distill: DistillDefaults = DistillDefaults()
+    search: SearchSpace = SearchSpace()
+    searcher: SearcherConfig = SearcherConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    baselines: tuple[BaselineSpec, ...] = ()
+    seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0,)
+    resources: Resources = Resources()
+    teacher_resources: Resources | None = None
+    mlflow: MlflowConfig = MlflowConfig()
+    storage_path: str = "mgd_ray_runs"
+
+    @field_validator("teachers")
+    @classmethod
+    def _teacher_names(cls, value: dict[str, TeacherSpec]) -> dict[str, TeacherSpec]:
+        if not value:
+            raise ValueError("define at least one teacher")
+        for name in value:
+            if "+" in name or not name.strip():
+                raise ValueError(f"teacher name {name!r} may not be empty or contain '+'")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> StudyConfig:
+        names = set(self.teachers)
+        errors = []
+        losses = self.distill.losses
+        for field in ("pixel_teachers", "image_teachers", "region_teachers"):
+            for t in getattr(losses, field) or ():
+                if t not in names:
+                    errors.append(f"distill.losses.{field}: teacher {t!r} is not defined under teachers")
+        if self.search.teachers:
+            for combo in self.search.teachers.choices:
+                for t in combo.split("+"):
+                    if t not in names:
+                        errors.append(f"search.teachers: {combo!r} names teacher {t!r}, not defined under teachers")
+                if len(combo.split("+")) > 2:
+                    errors.append(f"search.teachers: {combo!r} has more than two teachers")
+        for i, b in enumerate(self.baselines):
+            if b.method in ("kd", "cwd") and b.teacher is None:
+                errors.append(f"baselines.{i}.teacher: {b.method} needs a teacher (one of {', '.join(self.teachers)})")
+            if b.teacher is not None and b.teacher not in names:
+                errors.append(f"baselines.{i}.teacher: {b.teacher!r} is not defined under teachers")
+        if self.scheduler.type == "asha":
+            evals = self.schedule.iterations // self.schedule.eval_every
+            if evals < 2:
+                errors.append(
+                    "scheduler.type: ASHA needs at least two evaluations per trial "
+                    f"(schedule.iterations / schedule.eval_every = {evals}); lower eval_every or use type: none"
+                )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.name
+
+    @property
+    def default_combo(self) -> str:
+        """The teacher assignment of ``distill.losses`` in the ``"A+B"`` notation of the search space."""
+        losses = self.distill.losses
+        image = losses.image_teachers[0] if losses.image_teachers else None
+        region = losses.region_teachers[0] if losses.region_teachers else None
+        parts = [p for p in (image, region) if p is not None]
+        if len(parts) == 2 and parts[0] == parts[1]:
+            parts = parts[:1]
+        return "+".join(parts) or next(iter(self.teachers))
+
+
+_SUBFIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.*)$")
+
+
+def format_study_errors(err: ValidationError, source: str) -> str:
+    """One line per error as ``yaml.path: message``.
+
+    Union tags and validator names are dropped from the path, a validator's ``"low: ..."`` message
+    is folded into it, and model-level checks that found several problems get a line each.
+    """
+    lines = [f"{source}: invalid study"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if p not in ("range-spec", "choice-list") and not str(p).startswith("function-")]
+        msg = e["msg"].removeprefix("Value error, ")
+        for part in msg.split("; "):
+            m = _SUBFIELD.match(part)
+            if m and loc:
+                lines.append(f"  {'.'.join(loc)}.{m.group(1)}: {m.group(2)}")
+            elif m:
+                lines.append(f"  {part}")
+            else:
+                lines.append(f"  {'.'.join(loc) or '(top level)'}: {part}")
+    return "\n".join(lines)
+
+
+def parse_study(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_study_errors(err, source)) from None
+
+
+def load_study(path: Path | str) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such study file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return parse_study(raw, str(path))
+
+
+def smoke(study: StudyConfig) -> StudyConfig:
+    """The same study shrunk to seconds: tiny built-in data, 4 iterations, 2 trials, one seed.
+
+    Used by ``mgd-ray run --smoke`` and the tests that dry-run every study file in the repository.
+    """
+    tiny_schedule = ScheduleConfig(iterations=4, eval_every=2, batch_labeled=2, batch_unlabeled=2, eval_batch=4)
+    data = DataConfig(
+        dataset="builtin",
+        root=Path(study.storage_path) / "smoke_data",
+        partition=study.data.partition,
+        builtin={"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
+        crop_size=32,
+        scales=(1.0,),
+    )
+    small = {"resnet101": "resnet18", "resnet50": "resnet18", "wide_resnet50_2": "resnet18", "resnet34": "resnet18"}
+
+    def shrink(model: ModelConfig) -> ModelConfig:
+        return model.model_copy(update={"backbone": small.get(model.backbone, model.backbone), "pretrained": None})
+
+    teachers = {
+        name: TeacherSpec(model=shrink(t.model), recipe=TeacherRecipe(schedule=tiny_schedule))
+        for name, t in study.teachers.items()
+    }
+    search = study.search.model_copy(update={"iterations": None})
+    return study.model_copy(
+        update={
+            "name": f"{study.name}-smoke",
+            "data": data,
+            "teachers": teachers,
+            "student": shrink(study.student),
+            "schedule": tiny_schedule,
+            "search": search,
+            "searcher": study.searcher.model_copy(update={"num_samples": 2, "max_concurrent": 2}),
+            "seeds": study.seeds[:1],
+            "resources": Resources(),
+            "teacher_resources": None,
+        }
+    )
