@@ -190,6 +190,11 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
     job = trial_job(plan, config)
     client = tracking.client_for(plan.tracking_uri)
     run_id, _ = tracking.get_or_create_run(client, plan.experiment_id, job.key, job.name, job.tags, plan.parent_run_id)
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED" and run.data.tags.get(tracking.STATE_TAG) == "finished":
+        # Finished before the driver died (Tune's snapshot may predate it): report, don't retrain.
+        _report_finished(client, run, job)
+        return
     tracking.set_tags(client, run_id, {tracking.STATE_TAG: "running", "mgd_ray.params": json.dumps(job.params, sort_keys=True)})
     tracking.log_params(
         client, run_id, {f"search.{k}": v for k, v in job.params.items()} | tracking.flatten("", job.cfg.model_dump(mode="json"))
@@ -218,6 +223,17 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
     tracking.log_metrics(client, run_id, {"time/train_s": time.time() - start}, step=int(job.cfg.schedule.iterations))
     tracking.set_tags(client, run_id, {tracking.STATE_TAG: "finished"})
     client.set_terminated(run_id, "FINISHED")
+
+
+def _report_finished(client: Any, run: Any, job: TrialJob) -> None:
+    """Replay a finished run's evaluations to Tune so the searcher and scheduler see its results."""
+    keys = [k for k in run.data.metrics if k == "val/mIoU" or k.startswith(("loss/", "val/"))]
+    history: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for step, value in tracking.metric_history(client, run.info.run_id, key):
+            history.setdefault(step, {})[key] = value
+    for step in sorted(history):
+        ray.tune.report(history[step] | {"step": step, "replayed": 1})
 
 
 def log_model_artifacts(plan: Plan, client: Any, run_id: str, model_path: Path, job: TrialJob) -> None:

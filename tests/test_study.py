@@ -1,0 +1,217 @@
+"""Whole studies as a user runs them: a real Ray head (`ray start`), `ray job submit`, a real MLflow
+server over HTTP (sqlite backend), teacher reuse across studies, and `--resume` after the driver dies.
+
+One scenario, in order: study A trains its teacher and searches; study B (another study, same
+teacher recipe) is submitted as a Ray job, finds the teacher in MLflow instead of training it, is
+stopped mid-search and resumed without re-running finished trials or duplicating MLflow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_DATA, TINY_SCHEDULE
+from mlflow.tracking import MlflowClient
+
+from mgd_ray import tracking
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 2.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A Ray head and an MLflow server on 127.0.0.1, torn down after the module."""
+    root = tmp_path_factory.mktemp("cluster")
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"  # Ray's default for local clusters; the token travels in the env
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    env["RAY_DISABLE_USAGE_STATS"] = "1"
+    env.pop("RAY_ADDRESS", None)
+    mlflow_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+            "--workers", "1",
+        ],
+        env=env, stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    ray_cmd = [str(BIN / "ray")]
+    subprocess.run(
+        [
+            *ray_cmd, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
+        ],
+        env=env, check=True, capture_output=True, timeout=180,
+    )
+    try:
+        client = MlflowClient(uri)
+        wait_for(lambda: _alive(client), 120, "the MLflow server")
+        yield {
+            "env": env, "uri": uri, "root": root, "client": client,
+            "dashboard": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}",
+        }
+    finally:
+        subprocess.run([*ray_cmd, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _alive(client: MlflowClient) -> bool:
+    try:
+        client.search_experiments()
+        return True
+    except Exception:
+        return False
+
+
+def study_file(root: Path, name: str, uri: str, folder: str = ".", **extra) -> Path:
+    raw = {
+        "name": name,
+        "data": {**TINY_DATA, "root": str(root / "data"), "partition": "1/4"},
+        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": TINY_SCHEDULE}}},
+        "student": {"backbone": "mobilenet_v2"},
+        "schedule": TINY_SCHEDULE,
+        "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
+        "search": {"lambda_1": {"low": 1e-4, "high": 1e-2, "log": True}, "lambda_2": {"low": 1, "high": 100, "log": True}},
+        "searcher": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
+        "scheduler": {"type": "none"},
+        "mlflow": {"tracking_uri": uri},
+        "storage_path": str(root / "runs"),
+    } | extra
+    path = root / folder / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def child_runs(client: MlflowClient, study: str) -> list:
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000) if r.data.tags.get(tracking.KIND_TAG) != "study"]
+
+
+def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", env["dashboard"], "--working-dir", str(cwd)]
+    cmd += ["--submission-id", job_id]
+    cmd += [] if wait else ["--no-wait"]
+    return subprocess.run([*cmd, "--", *args], env=env["env"], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def study_a(env):
+    """Study A, run by the CLI as a driver connected to the Ray head, logging over HTTP."""
+    path = study_file(env["root"], "study-a", env["uri"], baselines=[{"method": "supervised"}])
+    proc = subprocess.run(
+        [str(BIN / "mgd-ray"), "run", str(path), "--address", env["gcs"]],
+        env=env["env"], cwd=env["root"], capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_study_logs_everything_to_an_mlflow_server(env, study_a):
+    client: MlflowClient = env["client"]
+    exp = client.get_experiment_by_name("study-a")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    kinds = Counter(r.data.tags.get(tracking.KIND_TAG) for r in runs if r is not parent)
+    assert kinds == {"teacher": 1, "baseline": 1, "trial": 2}
+    for run in runs:
+        if run is parent:
+            continue
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.STATE_TAG] == "finished"
+        history = tracking.metric_history(client, run.info.run_id, "val/mIoU")
+        assert [s for s, _ in history] == [2, 4]  # one value per evaluation, at its step
+        assert all(0.0 <= v <= 1.0 for _, v in history)
+        assert any(k.startswith("val/") and "/IoU/" in k for k in run.data.metrics)  # per-class IoU
+        assert any(k.startswith("loss/") for k in run.data.metrics)
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        arts |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"checkpoint/model.pt", "plots/confusion_matrix.png", "plots/predictions.png"} <= arts
+    trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
+    assert all(float(r.data.params["losses.lambda_1"]) > 0 for r in trials)
+    assert len({r.data.params["losses.lambda_1"] for r in trials}) == 2  # Optuna proposed two configurations
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/miou_vs_gflops.png"} <= report
+    text = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(env["root"]))).read_text()
+    assert "| supervised |" in text and "MGD (best searched configuration)" in text
+    versions = client.search_model_versions("name = 'study-a-student'")
+    assert len(versions) == 1 and "val mIoU" in versions[0].description
+
+
+def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_a):
+    client: MlflowClient = env["client"]
+    # The job's working directory holds only the study file (Ray uploads it); paths inside are absolute.
+    path = study_file(
+        env["root"], "study-b", env["uri"], folder="job",
+        searcher={"num_samples": 3, "max_concurrent": 2, "seed": 1},
+    )
+    job_id = f"study-b-{secrets.token_hex(4)}"
+    out = submit(env, ["mgd-ray", "run", path.name], path.parent, wait=False, job_id=job_id)
+    assert out.returncode == 0, out.stderr
+
+    def first_trial_finished():
+        return [r for r in child_runs(client, "study-b") if r.data.tags.get(tracking.KIND_TAG) == "trial" and r.info.status == "FINISHED"]
+
+    done_before = wait_for(first_trial_finished, 600, "a finished search trial of study B")
+    stop = subprocess.run(
+        [str(BIN / "ray"), "job", "stop", "--address", env["dashboard"], job_id],
+        env=env["env"], capture_output=True, text=True, timeout=120,
+    )
+    assert stop.returncode == 0, stop.stderr
+    finished_before = {r.info.run_id: r.info.end_time for r in child_runs(client, "study-b") if r.info.status == "FINISHED"}
+
+    resumed = submit(env, ["mgd-ray", "run", path.name, "--resume"], path.parent, wait=True, job_id=f"{job_id}-resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    runs = child_runs(client, "study-b")
+    # The teacher came from study A's run, found through MLflow: study B trained none.
+    assert not [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "teacher"]
+    state = json.loads((env["root"] / "runs" / "study-b" / "study_state.json").read_text())
+    teacher_a = [r for r in child_runs(client, "study-a") if r.data.tags.get(tracking.KIND_TAG) == "teacher"][0]
+    assert state["teachers"]["T_D"]["run_id"] == teacher_a.info.run_id
+    # No duplicate runs, every search trial finished, and nothing finished before the kill ran again.
+    keys = Counter(r.data.tags[tracking.KEY_TAG] for r in runs)
+    assert max(keys.values()) == 1, keys
+    trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    after = {r.info.run_id: r.info.end_time for r in runs}
+    for run_id, end in finished_before.items():
+        assert after[run_id] == end, "a trial that had finished before the kill was run again"
+    assert done_before[0].info.run_id in after
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("study-b").experiment_id])
+               if r.data.tags.get(tracking.KIND_TAG) == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
