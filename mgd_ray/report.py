@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -153,8 +154,17 @@ def write_report(plan: Any, state: dict[str, Any]) -> Path:
     if pictures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pictures] + [""]
     if best is not None:
+        page = _prediction_page(plan, best, rows, data, out_dir)
+        pictures.append(page)
+        lines += ["## Predictions on fixed val images", "", f"![{page.stem}]({page.name})", ""]
         uri = _log_best(plan, best, sp, sg, data.num_classes)
-        lines += [f"Best student logged as `{uri}` (load with `mlflow.pytorch.load_model`).", ""]
+        lines += [
+            (
+                f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`), with its ONNX "
+                "export beside it (`best_student_onnx/best_student.onnx`)."
+            ),
+            "",
+        ]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     tracking.log_files(client, plan.parent_run_id, [report, *pictures], "report")
@@ -220,6 +230,23 @@ def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, s
     return pictures
 
 
+def _prediction_page(plan: Any, best: dict[str, Any], rows: list[dict[str, Any]], data: Any, out: Path) -> Path:
+    """image | ground truth | best student | Sup-only | teachers, on the first val images."""
+    from mgd_ray.data.datasets import voc_palette
+    from mgd_ray.final_eval import example_predictions
+    from mgd_ray.plots import overlay_grid
+
+    models = {"best MGD student": tracking.download_checkpoint(plan.tracking_uri, best["run_id"], out / "_models" / "best")}
+    sup = [r for r in rows if r["kind"] == "baseline" and r["baseline"] == "supervised" and r["state"] == "finished"]
+    if sup:
+        models["Sup-only"] = tracking.download_checkpoint(plan.tracking_uri, sup[0]["run_id"], out / "_models" / "sup")
+    models |= {f"teacher {n}": p for n, p in plan.teachers.items()}
+    images, truths, preds = example_predictions(models, data)
+    page = overlay_grid({"ground truth": truths} | preds, images, voc_palette(256), out / "predictions.png")
+    shutil.rmtree(out / "_models", ignore_errors=True)
+    return page
+
+
 def _log_best(plan: Any, best: dict[str, Any], params_m: float, gflops: float, num_classes: int) -> str:
     from mgd_ray.final_eval import load_model
 
@@ -228,6 +255,10 @@ def _log_best(plan: Any, best: dict[str, Any], params_m: float, gflops: float, n
         ckpt = tracking.download_checkpoint(plan.tracking_uri, best["run_id"], Path(tmp))
         model = load_model(ckpt, num_classes, "best student")
         tracking.log_files(client, plan.parent_run_id, [ckpt], "best_student_checkpoint")
+        from mgd_ray.export import export_onnx
+
+        onnx_file = export_onnx(ckpt, Path(tmp) / "best_student.onnx")
+        tracking.log_files(client, plan.parent_run_id, [onnx_file], "best_student_onnx")
     s = plan.study
     card = (
         f"MGD student {s.student.backbone} distilled from {', '.join(f'{n}={t.model.backbone}' for n, t in s.teachers.items())}\n"

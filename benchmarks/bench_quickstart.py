@@ -1,0 +1,69 @@
+"""Wall time of the quickstart (the README's first command, minus the install) on this machine.
+
+Runs ``mgd-ray run studies/quickstart.yaml`` in a fresh temporary directory (no teacher to reuse),
+then reads every run back from MLflow and prints: total wall time, time per stage, and per run its
+wall time and the seconds spent inside the training loop. Not a test.
+
+    python benchmarks/bench_quickstart.py [--study studies/quickstart.yaml] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", default=str(REPO / "studies" / "quickstart.yaml"))
+    ap.add_argument("--keep", default=None, help="run in this directory and keep it (default: a temp dir)")
+    args = ap.parse_args()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mgd_quickstart_"))
+    work.mkdir(parents=True, exist_ok=True)
+    study = work / Path(args.study).name
+    shutil.copyfile(args.study, study)
+    exe = Path(sys.executable).parent / "mgd-ray"
+    print(f"running {exe} run {study.name} in {work} ({os.cpu_count()} CPUs)", flush=True)
+    start = time.time()
+    proc = subprocess.run([str(exe), "run", study.name], cwd=work, capture_output=True, text=True)
+    wall = time.time() - start
+    (work / "run.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:])
+        print(f"quickstart FAILED after {wall:.0f} s; log: {work / 'run.log'}")
+        return 1
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
+    stages: dict[str, list] = defaultdict(list)
+    print(f"\n{'run':28s} {'stage':10s} {'state':14s} {'wall s':>8s} {'train s':>8s}")
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        tags = r.data.tags
+        if tags.get("mgd_ray.kind") == "study":
+            continue
+        end = r.info.end_time or r.info.start_time
+        secs = (end - r.info.start_time) / 1000
+        train = r.data.metrics.get("time/train_s", float("nan"))
+        stage = tags.get("mgd_ray.stage", "?")
+        stages[stage].append((r.info.start_time, end, secs, train))
+        print(f"{tags.get('mlflow.runName', r.info.run_id)[:28]:28s} {stage:10s} {tags.get('mgd_ray.state', '?'):14s} {secs:8.1f} {train:8.1f}")
+    print(f"\n{'stage':10s} {'wall s':>8s} {'runs':>5s} {'run-seconds':>12s}")
+    for stage, items in stages.items():
+        span = (max(e for _, e, _, _ in items) - min(s for s, _, _, _ in items)) / 1000
+        print(f"{stage:10s} {span:8.1f} {len(items):5d} {sum(s for _, _, s, _ in items):12.1f}")
+    print(f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {next(work.glob('mgd_ray_runs/*/*/report/report.md'), None)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
