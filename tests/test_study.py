@@ -61,7 +61,7 @@ def env(tmp_path_factory):
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
             "--workers", "1",
         ],
-        env=env, stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+        env=env, stdout=(root / "mlflow.log").open("w"), stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{mlflow_port}"
     ray_cmd = [str(BIN / "ray")]
@@ -80,7 +80,7 @@ def env(tmp_path_factory):
             "dashboard": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}",
         }
     finally:
-        subprocess.run([*ray_cmd, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([*ray_cmd, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
         server.terminate()
         server.wait(timeout=30)
 
@@ -89,7 +89,7 @@ def _alive(client: MlflowClient) -> bool:
     try:
         client.search_experiments()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure means: not up yet)
         return False
 
 
@@ -124,14 +124,14 @@ def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> su
     cmd = [str(BIN / "ray"), "job", "submit", "--address", env["dashboard"], "--working-dir", str(cwd)]
     cmd += ["--submission-id", job_id]
     cmd += [] if wait else ["--no-wait"]
-    return subprocess.run([*cmd, "--", *args], env=env["env"], capture_output=True, text=True, timeout=900)
+    return subprocess.run([*cmd, "--", *args], check=False, env=env["env"], capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def study_a(env):
     """Study A, run by the CLI as a driver connected to the Ray head, logging over HTTP."""
     path = study_file(env["root"], "study-a", env["uri"], baselines=[{"method": "supervised"}])
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
         [str(BIN / "mgd-ray"), "run", str(path), "--address", env["gcs"]],
         env=env["env"], cwd=env["root"], capture_output=True, text=True, timeout=900,
     )
@@ -188,7 +188,7 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
         return [r for r in child_runs(client, "study-b") if r.data.tags.get(tracking.KIND_TAG) == "trial" and r.info.status == "FINISHED"]
 
     done_before = wait_for(first_trial_finished, 600, "a finished search trial of study B")
-    stop = subprocess.run(
+    stop = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
         [str(BIN / "ray"), "job", "stop", "--address", env["dashboard"], job_id],
         env=env["env"], capture_output=True, text=True, timeout=120,
     )
@@ -202,7 +202,7 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     # The teacher came from study A's run, found through MLflow: study B trained none.
     assert not [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "teacher"]
     state = json.loads((env["root"] / "runs" / "study-b" / "study_state.json").read_text())
-    teacher_a = [r for r in child_runs(client, "study-a") if r.data.tags.get(tracking.KIND_TAG) == "teacher"][0]
+    teacher_a = next(r for r in child_runs(client, "study-a") if r.data.tags.get(tracking.KIND_TAG) == "teacher")
     assert state["teachers"]["T_D"]["run_id"] == teacher_a.info.run_id
     # No duplicate runs, every search trial finished, and nothing finished before the kill ran again.
     keys = Counter(r.data.tags[tracking.KEY_TAG] for r in runs)
