@@ -29,7 +29,13 @@ import optuna
 import pytest
 import torch
 
-from mgd_ray.config import BaselineJobConfig, DistillJobConfig, JobConfig, ModelConfig, TeacherJobConfig
+from mgd_ray.config import (
+    BaselineJobConfig,
+    DistillJobConfig,
+    JobConfig,
+    ModelConfig,
+    TeacherJobConfig,
+)
 from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_DATA, TINY_SCHEDULE
 from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
 
 BIN = Path(sys.executable).parent
+# Same tiny shapes as tests/conftest.py (a conftest is not importable by name: tests/data has one too).
+TINY_DATA = {"builtin": {"num_train": 16, "num_val": 4, "size": 32}, "crop_size": 32, "scales": [1.0]}
+TINY_SCHEDULE = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 
 
 def free_port() -> int:
