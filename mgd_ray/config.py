@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -198,17 +205,22 @@ def parse_job_config(kind: str, raw: dict[str, Any], source: str = "<config>") -
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_job_config(path: Path | str, kind: str) -> JobConfig:
+def read_yaml_mapping(path: Path | str, what: str = "config file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file, or a ``ConfigError`` naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such {what}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    return parse_job_config(kind, raw, str(path))
+    return raw
+
+
+def load_job_config(path: Path | str, kind: str) -> JobConfig:
+    return parse_job_config(kind, read_yaml_mapping(path), str(path))
 
 
 def absolute_paths(cfg: Strict, base: Path) -> Strict:

@@ -3,11 +3,17 @@
 Conventions: logits are (N, C, H, W); labels are (N, H, W) integer tensors with ``ignore_index``
 for pixels without a label. Every teacher-side input is detached here, so a teacher never receives
 gradient even when the caller forgets ``no_grad``.
+
+Losses whose normaliser varies between batches (valid pixels of a CE, OHEM's kept pixels, a sum
+over the batch) take ``over``: left out, they reduce over the batch they are given; under DDP,
+``over=mgd_ray.distributed.global_batch(env)`` makes them reduce over the global batch of all
+ranks. The other losses average over a count fixed by the shapes (images, classes, all pixels),
+the same on every rank, so per-rank means already average to the global one.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +22,31 @@ from torch import Tensor
 from mgd_ray.data.datasets import IGNORE_INDEX
 
 
-def supervised_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+class BatchReduction(Protocol):
+    """Reduces this process's part of a batch loss as a loss over a larger (global) batch."""
+
+    def mean(self, total: Tensor, count: Tensor) -> Tensor:
+        """The share of ``Σ loss / Σ count`` over the global batch, given this part's sum and count."""
+        ...
+
+    def sum(self, total: Tensor) -> Tensor:
+        """The share of ``Σ loss`` over the global batch, given this part's sum."""
+        ...
+
+
+def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, over: BatchReduction | None) -> Tensor:
+    """CE averaged over the non-ignored pixels of this batch, or of the global batch with ``over``."""
+    if over is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return over.mean(total, (target != ignore_index).sum())
+
+
+def supervised_loss(
+    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, over: BatchReduction | None = None
+) -> Tensor:
     """Eq. 1: pixel-wise cross-entropy against ground truth, averaged over labeled pixels."""
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+    return _cross_entropy(logits, target.long(), ignore_index, over)
 
 
 def ohem_cross_entropy(
@@ -27,12 +55,15 @@ def ohem_cross_entropy(
     thresh: float = 0.7,
     min_kept: int = 50_000,
     ignore_index: int = IGNORE_INDEX,
+    over: BatchReduction | None = None,
 ) -> Tensor:
     """Online hard-example-mined CE, used by the official code for Cityscapes' ground-truth term.
 
     Pixels whose probability for the true class exceeds ``max(thresh, p_k)`` are dropped, where
     ``p_k`` is the ``min_kept``-th smallest true-class probability, so at least ``min_kept`` pixels
-    always contribute (TorchSemiSeg ``ProbOhemCrossEntropy2d``).
+    always contribute (TorchSemiSeg ``ProbOhemCrossEntropy2d``). With ``over``, the mean runs over
+    the kept pixels of the global batch, but pixels are mined per batch part, ``min_kept`` per
+    part, as the official code mines per GPU.
     """
     target = target.long()
     valid = target != ignore_index
@@ -46,7 +77,7 @@ def ohem_cross_entropy(
                 kth = torch.kthvalue(true_prob[valid], min_kept).values
                 threshold = torch.maximum(kth, threshold)
             target = target.masked_fill(true_prob > threshold, ignore_index)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    return _cross_entropy(logits, target, ignore_index, over)
 
 
 def hard_pseudo_labels(teacher: Tensor) -> Tensor:
@@ -57,7 +88,7 @@ def hard_pseudo_labels(teacher: Tensor) -> Tensor:
 
 
 def pixel_consistency_loss(
-    student_logits: Tensor, teacher: Tensor, ignore_index: int = IGNORE_INDEX
+    student_logits: Tensor, teacher: Tensor, ignore_index: int = IGNORE_INDEX, over: BatchReduction | None = None
 ) -> Tensor:
     """Eq. 2: CE between the student and one teacher's hard pseudo labels.
 
@@ -66,7 +97,7 @@ def pixel_consistency_loss(
     ``ignore_index`` in precomputed labels do not contribute. The paper's L_P sums this over T_D and
     T_W; the caller adds one term per teacher.
     """
-    return F.cross_entropy(student_logits, hard_pseudo_labels(teacher), ignore_index=ignore_index)
+    return _cross_entropy(student_logits, hard_pseudo_labels(teacher), ignore_index, over)
 
 
 def global_semantic_vector(logits: Tensor) -> Tensor:
@@ -78,21 +109,25 @@ def image_level_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     reduction: Literal["sum", "mean"] = "sum",
+    over: BatchReduction | None = None,
 ) -> Tensor:
     """Eq. 3-4, image-level semantic-sensitive loss: L1 between GAP'd student and teacher logits.
 
     ``reduction="sum"`` sums |k_S - k_T| over batch and classes as the official code does (and as
     its lambda_1 = 0.002 is tuned for); ``"mean"`` is the paper's 1/N average over classes, also
-    averaged over the batch. ``teacher_logits`` may be an already pooled (N, C) tensor.
+    averaged over the batch. ``teacher_logits`` may be an already pooled (N, C) tensor. With
+    ``over``, "sum" sums over the global batch, so lambda_1 weighs the same total on any number of
+    workers (the official code sums per GPU, and its DDP then averages over GPUs).
     """
     k_s = global_semantic_vector(student_logits)
     k_t = teacher_logits.detach()
     if k_t.dim() == 4:
         k_t = global_semantic_vector(k_t)
+    diff = (k_s - k_t).abs()
     if reduction == "sum":
-        return (k_s - k_t).abs().sum()
+        return diff.sum() if over is None else over.sum(diff.sum())
     if reduction == "mean":
-        return (k_s - k_t).abs().mean()
+        return diff.mean()
     raise ValueError(f"image_level_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
 
 

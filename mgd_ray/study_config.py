@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     Discriminator,
     Field,
@@ -32,6 +31,7 @@ from mgd_ray.config import (
     PositiveInt,
     ScheduleConfig,
     Strict,
+    read_yaml_mapping,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -322,16 +322,7 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
 
 
 def load_study(path: Path | str) -> StudyConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such study file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    return parse_study(raw, str(path))
+    return parse_study(read_yaml_mapping(path, "study file"), str(path))
 
 
 def smoke(study: StudyConfig) -> StudyConfig:

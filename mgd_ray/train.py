@@ -8,6 +8,7 @@ runs the same ``name`` and ``storage_path`` again resumes the run where it stopp
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from mgd_ray.config import JobConfig, absolute_paths, parse_job_config
 from mgd_ray.jobs.baselines import run_baseline
-from mgd_ray.jobs.common import MODEL_FILE, load_state, prepare_manifest
+from mgd_ray.jobs.common import HISTORY_FILE, MODEL_FILE, load_state, prepare_manifest
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
 
@@ -73,11 +74,20 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
 
 @dataclass
 class JobResult:
-    """A finished job: last metrics, the exported model file and Ray's ``Result``."""
+    """A finished job: last metrics, every evaluation's metrics, the exported model file, Ray's ``Result``."""
 
     metrics: dict[str, Any]
+    history: list[dict[str, Any]]
     model_path: Path
     result: Result
+
+
+def job_history(result: Result) -> list[dict[str, Any]]:
+    """Every evaluation's metrics, in step order, across restarts (from the last checkpoint)."""
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as d:
+        return json.loads((Path(d) / HISTORY_FILE).read_text())
 
 
 def make_trainer(
@@ -143,4 +153,4 @@ def run_job(
     trainer = make_trainer(cfg, scaling, storage, name, max_failures, fail_once_at_step=fail_once_at_step)
     result = trainer.fit()
     model_path = export_model(result, cfg.output)
-    return JobResult(metrics=dict(result.metrics or {}), model_path=model_path, result=result)
+    return JobResult(metrics=dict(result.metrics or {}), history=job_history(result), model_path=model_path, result=result)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mgd_ray import losses
 from mgd_ray.config import BaselineJobConfig
-from mgd_ray.distributed import dist_env, unwrap, wrap_model
+from mgd_ray.distributed import dist_env, global_batch, unwrap, wrap_model
 from mgd_ray.jobs.common import (
     Batch,
     FitSpec,
@@ -44,10 +44,11 @@ def run_baseline(cfg: BaselineJobConfig, report: Reporter, checkpoint_root: Path
     data = load_job_data(cfg.data)
     student = wrap_model(build_model(cfg.student, data.num_classes), env)
     w = cfg.consistency_weight
+    over = global_batch(env)
 
     def sup(b: Batch) -> tuple[Any, dict[str, Tensor]]:
         out_l = student(b.x_l)
-        return out_l, {"sup": losses.supervised_loss(out_l.logits, b.y)}  # Eq. 1
+        return out_l, {"sup": losses.supervised_loss(out_l.logits, b.y, over=over)}  # Eq. 1
 
     extra: dict[str, Any] = {}
     if cfg.method == "supervised":

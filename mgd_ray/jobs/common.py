@@ -7,6 +7,7 @@ torchrun, or in a test. Distributed code lives here; the jobs read as if single-
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,9 @@ from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
 CHECKPOINT_FORMAT = "mgd_ray.segmenter/1"
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+# Every evaluation's metrics so far, in each checkpoint: Ray Train V2's ``Result.metrics_dataframe``
+# holds only the checkpoints it kept (``num_to_keep``), not the whole curve.
+HISTORY_FILE = "history.json"
 
 # Reporter(metrics, checkpoint_dir or None): called on every rank at every evaluation.
 Reporter = Callable[[dict[str, Any], Path | None], None]
@@ -428,6 +432,7 @@ def fit(
         if spec.load_extra_state is not None:
             spec.load_extra_state(resume["extra"])
         start = int(resume["step"])
+    history: list[dict[str, float]] = list(resume.get("history", [])) if resume is not None else []
     model.train()
     progress = Progress(spec.name, schedule.iterations, start, env)
     stream_ = batches(data, schedule, data_cfg.loader_workers, env, start, spec.unlabeled)
@@ -458,6 +463,7 @@ def fit(
             metrics |= eval_metrics(evaluate(net, data, env, schedule.eval_batch, data_cfg.eval_window), data.class_names, prefix)
         if "val/mIoU" not in metrics:  # several networks evaluated (CPS): report the best one's
             metrics["val/mIoU"] = max(v for k, v in metrics.items() if k.startswith("val/") and k.endswith("/mIoU"))
+        history.append(metrics)
         ckpt_dir = None
         if env.is_main:
             chosen, model_cfg, role = spec.export(metrics)
@@ -471,8 +477,10 @@ def fit(
                     "scheduler": sched.state_dict(),
                     "rng": rng_state(),
                     "extra": spec.extra_state() if spec.extra_state is not None else {},
+                    "history": history,
                 },
             )
+            (ckpt_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
             record = segmenter_record(chosen, model_cfg, data, data_cfg.crop_size, role)
             torch.save(record | {"metrics": metrics}, ckpt_dir / MODEL_FILE)
         report(metrics, ckpt_dir)

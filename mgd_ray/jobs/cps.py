@@ -14,8 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from mgd_ray import losses
-from mgd_ray.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TeacherJobConfig
-from mgd_ray.distributed import dist_env, unwrap, wrap_model
+from mgd_ray.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TeacherJobConfig,
+)
+from mgd_ray.distributed import dist_env, global_batch, unwrap, wrap_model
 from mgd_ray.jobs.common import (
     Batch,
     FitSpec,
@@ -42,19 +48,21 @@ class CPSPair(nn.Module):
         return (self.branch1 if branch == 1 else self.branch2)(x)
 
 
-def cps_terms(pair: nn.Module, b: Batch, cps_weight: float, ohem: bool = False) -> dict[str, Tensor]:
+def cps_terms(
+    pair: nn.Module, b: Batch, cps_weight: float, ohem: bool = False, over: losses.BatchReduction | None = None
+) -> dict[str, Tensor]:
     with torch.no_grad():
         pl_1 = mixed_pseudo_labels(pair(b.u0, 1).logits, pair(b.u1, 1).logits, b.m)
         pl_2 = mixed_pseudo_labels(pair(b.u0, 2).logits, pair(b.u1, 2).logits, b.m)
     sup = losses.ohem_cross_entropy if ohem else losses.supervised_loss
     x_mix = b.x_mix
     return {
-        "sup/branch1": sup(pair(b.x_l, 1).logits, b.y),
-        "sup/branch2": sup(pair(b.x_l, 2).logits, b.y),
+        "sup/branch1": sup(pair(b.x_l, 1).logits, b.y, over=over),
+        "sup/branch2": sup(pair(b.x_l, 2).logits, b.y, over=over),
         "cps": cps_weight
         * (
-            losses.pixel_consistency_loss(pair(x_mix, 1).logits, pl_2)
-            + losses.pixel_consistency_loss(pair(x_mix, 2).logits, pl_1)
+            losses.pixel_consistency_loss(pair(x_mix, 1).logits, pl_2, over=over)
+            + losses.pixel_consistency_loss(pair(x_mix, 2).logits, pl_1, over=over)
         ),
     }
 
@@ -75,6 +83,7 @@ def run_cps_pair(
     data = load_job_data(data_cfg)
     pair = wrap_model(CPSPair(model_cfg, data.num_classes, schedule.seed), env)
     net = unwrap(pair)
+    over = global_batch(env)
 
     def export(metrics: dict[str, float]) -> tuple[DeepLabV3Plus, ModelConfig, str]:
         best = 1 if metrics["val/branch1/mIoU"] >= metrics["val/branch2/mIoU"] else 2
@@ -83,7 +92,7 @@ def run_cps_pair(
     spec = FitSpec(
         name=role,
         module=pair,
-        step=lambda b, _: cps_terms(pair, b, cps_weight, ohem),
+        step=lambda b, _: cps_terms(pair, b, cps_weight, ohem, over),
         evaluated=lambda: {"branch1": net.branch1, "branch2": net.branch2},
         export=export,
     )

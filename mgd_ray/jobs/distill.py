@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mgd_ray import losses
 from mgd_ray.config import DistillJobConfig
-from mgd_ray.distributed import dist_env, wrap_model
+from mgd_ray.distributed import dist_env, global_batch, wrap_model
 from mgd_ray.jobs.common import (
     Batch,
     FitSpec,
@@ -80,24 +80,30 @@ def _teacher_signals(teacher: nn.Module, b: Batch, pixel: bool, image: bool, reg
     return s
 
 
-def distill_terms(student: nn.Module, signals: dict[str, TeacherSignals], b: Batch, cfg: DistillJobConfig) -> dict[str, Tensor]:
-    """The weighted terms of Eq. 7 for one step, one line per term."""
+def distill_terms(
+    student: nn.Module,
+    signals: dict[str, TeacherSignals],
+    b: Batch,
+    cfg: DistillJobConfig,
+    over: losses.BatchReduction | None = None,
+) -> dict[str, Tensor]:
+    """The weighted terms of Eq. 7 for one step, one line per term; ``over``: see ``mgd_ray.losses``."""
     lc = cfg.losses
     out_l = student(b.x_l)
     out_mix = student(b.x_mix)
     terms: dict[str, Tensor] = {}
     if lc.supervised:
         sup = losses.ohem_cross_entropy if lc.ohem else losses.supervised_loss
-        terms["sup"] = sup(out_l.logits, b.y)  # Eq. 1
+        terms["sup"] = sup(out_l.logits, b.y, over=over)  # Eq. 1
     pixel = lc.pixel_teachers if lc.pixel_teachers is not None else tuple(cfg.teachers)
     for name in pixel:
         if lc.pixel_labeled:
-            terms[f"pixel_l/{name}"] = losses.pixel_consistency_loss(out_l.logits, signals[name].pl_l)  # Eq. 2, labeled
+            terms[f"pixel_l/{name}"] = losses.pixel_consistency_loss(out_l.logits, signals[name].pl_l, over=over)  # Eq. 2, labeled
         if lc.pixel_unlabeled:
-            terms[f"pixel_u/{name}"] = losses.pixel_consistency_loss(out_mix.logits, signals[name].pl_mix)  # Eq. 2, unlabeled
+            terms[f"pixel_u/{name}"] = losses.pixel_consistency_loss(out_mix.logits, signals[name].pl_mix, over=over)  # Eq. 2, unlabeled
     for name in lc.image_teachers:
         terms[f"image/{name}"] = lc.lambda_1 * losses.image_level_loss(
-            out_mix.logits, signals[name].logits_mix, lc.image_reduction
+            out_mix.logits, signals[name].logits_mix, lc.image_reduction, over=over
         )  # Eq. 3-4
     for name in lc.region_teachers:
         terms[f"region/{name}"] = lc.lambda_2 * losses.region_level_loss(
@@ -128,6 +134,7 @@ def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, 
     lc = cfg.losses
     pixel = set(lc.pixel_teachers if lc.pixel_teachers is not None else cfg.teachers)
     pixel_on = lc.pixel_labeled or lc.pixel_unlabeled
+    over = global_batch(env)
 
     def step(b: Batch, _: int) -> dict[str, Tensor]:
         signals = {
@@ -141,7 +148,7 @@ def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, 
             )
             for name, t in teachers.items()
         }
-        return distill_terms(student, signals, b, cfg)
+        return distill_terms(student, signals, b, cfg, over)
 
     spec = FitSpec(
         name="student",

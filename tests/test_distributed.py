@@ -1,0 +1,209 @@
+"""Two gloo processes against one: global BatchNorm, global-batch losses, whole jobs (float64).
+
+Each check spawns a 2-rank process group (no Ray) and compares with the same computation on the
+concatenated batch in this process. Float64, so agreement is exact up to summation order.
+"""
+
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from mgd_ray import losses
+from mgd_ray.config import parse_job_config
+from mgd_ray.data.datasets import SegmentationDataset
+from mgd_ray.distributed import DistEnv, GlobalBatchNorm2d, global_batch
+from mgd_ray.train import JOBS
+
+SIZES = (1, 3)  # uneven per-rank batches: the global statistics must weigh ranks by their counts
+
+
+def spawn(fn, out: Path, *args) -> list:
+    """Run ``fn(rank, *args)`` on 2 gloo ranks; returns each rank's result (saved with torch.save)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(port, fn, out, args), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _rank_main(rank: int, port: int, fn, out: Path, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(fn(rank, *args), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def bn_inputs(spatial: int, dtype=torch.float64, offset: float = 0.0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(0)
+    x = offset + scale * torch.randn(sum(SIZES), 4, spatial, spatial, generator=g, dtype=torch.float64)
+    upstream = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x.to(dtype), upstream.to(dtype)
+
+
+def bn_rank(rank: int, spatial: int, dtype, offset: float, scale: float) -> dict:
+    x, upstream = bn_inputs(spatial, dtype, offset, scale)
+    part = slice(sum(SIZES[:rank]), sum(SIZES[: rank + 1]))
+    bn = GlobalBatchNorm2d(4, momentum=None, dtype=dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    x_r = x[part].clone().requires_grad_(True)
+    for _ in range(2):  # two updates of the running statistics
+        y = bn(x_r)
+    (y * upstream[part]).sum().backward()  # the global loss is the sum of the ranks' losses
+    return {"y": y.detach(), "dx": x_r.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "state": bn.state_dict()}
+
+
+@pytest.mark.parametrize("spatial", [3, 1], ids=["map", "pooled"])
+def test_global_batchnorm_is_batchnorm_over_the_global_batch(tmp_path, spatial):
+    parts = spawn(bn_rank, tmp_path, spatial, torch.float64, 0.0, 1.0)
+    x, upstream = bn_inputs(spatial)
+    bn = nn.BatchNorm2d(4, momentum=None, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    for _ in range(2):
+        y = bn(x)
+    (y * upstream).sum().backward()
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([p["dx"] for p in parts]), x.grad, **close)
+    torch.testing.assert_close(parts[0]["dw"] + parts[1]["dw"], bn.weight.grad, **close)
+    torch.testing.assert_close(parts[0]["db"] + parts[1]["db"], bn.bias.grad, **close)
+    for p in parts:  # running mean, unbiased running variance over the global count, batches tracked
+        for k, v in bn.state_dict().items():
+            torch.testing.assert_close(p["state"][k], v, **close)
+
+
+def test_global_batchnorm_float32_statistics_do_not_cancel(tmp_path):
+    # A nearly constant channel (mean 100, std 1e-3), like a stride-16 map of a tiny image: the
+    # shortcut E[x²] − E[x]² loses every digit of the variance in float32 (≈1e-3 instead of 1e-6).
+    parts = spawn(bn_rank, tmp_path, 3, torch.float32, 100.0, 1e-3)
+    x, _ = bn_inputs(3, torch.float32, 100.0, 1e-3)
+    bn = nn.BatchNorm2d(4, momentum=None)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        y = bn(x)
+    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), y, rtol=1e-3, atol=1e-3)
+
+
+def loss_inputs():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (4, 5, 5), generator=g)
+    target[:2, :, :4] = 255  # rank 0's images have far fewer labeled pixels than rank 1's
+    teacher = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    return logits, target, teacher
+
+
+LOSSES = {
+    "supervised": lambda s, y, t, over: losses.supervised_loss(s, y, over=over),
+    "ohem": lambda s, y, t, over: losses.ohem_cross_entropy(s, y, min_kept=5, over=over),
+    "pixel": lambda s, y, t, over: losses.pixel_consistency_loss(s, y, over=over),
+    "image_sum": lambda s, y, t, over: losses.image_level_loss(s, t, "sum", over=over),
+}
+
+
+def loss_rank(rank: int) -> dict:
+    logits, target, teacher = loss_inputs()
+    part = slice(2 * rank, 2 * rank + 2)
+    over = global_batch(DistEnv(rank, 2, torch.device("cpu")))
+    out = {}
+    for name, fn in LOSSES.items():
+        s = logits[part].clone().requires_grad_(True)
+        loss = fn(s, target[part], teacher[part], over)
+        loss.backward()
+        out[name] = (loss.detach(), s.grad)
+    return out
+
+
+def test_losses_over_the_global_batch(tmp_path):
+    """Mean over ranks of the losses (what is reported) and the DDP-averaged gradient equal the
+    loss and gradient of one process holding the whole batch."""
+    parts = spawn(loss_rank, tmp_path)
+    logits, target, teacher = loss_inputs()
+    for name, fn in LOSSES.items():
+        if name == "ohem":  # mined per rank (min_kept per rank, as the official code per GPU)
+            continue
+        s = logits.clone().requires_grad_(True)
+        loss = fn(s, target, teacher, None)
+        loss.backward()
+        torch.testing.assert_close((parts[0][name][0] + parts[1][name][0]) / 2, loss.detach(), msg=name)
+        torch.testing.assert_close(torch.cat([p[name][1] for p in parts]) / 2, s.grad, msg=name)
+    # Per-rank means would weigh rank 0's few labeled pixels like rank 1's many.
+    per_rank = sum(F.cross_entropy(logits[r : r + 2], target[r : r + 2], ignore_index=255) for r in (0, 2)) / 2
+    assert abs(per_rank - losses.supervised_loss(logits, target)) > 1e-2
+    # OHEM: the mean runs over the kept pixels of both ranks.
+    kept = [losses.ohem_cross_entropy(logits[r : r + 2], target[r : r + 2], min_kept=5, over=_Count()) for r in (0, 2)]
+    total, count = zip(*kept, strict=True)
+    expected = sum(total) / sum(count)
+    torch.testing.assert_close((parts[0]["ohem"][0] + parts[1]["ohem"][0]) / 2, expected)
+
+
+class _Count:
+    """A reduction that returns (sum, count) to inspect what a loss reduces."""
+
+    def mean(self, total, count):
+        return total.detach(), count
+
+    def sum(self, total):
+        return total
+
+
+# ---------------------------------------------------------------------------- whole jobs
+def float64_job(kind: str, raw: dict) -> list[dict]:
+    """One job in float64 (images cast as they are loaded) on this process or rank; its reports."""
+    dtype, load = torch.get_default_dtype(), SegmentationDataset.__getitem__
+    torch.set_default_dtype(torch.float64)
+
+    def getitem(self, index):
+        item = load(self, index)
+        return item | {"image": item["image"].double()}
+
+    SegmentationDataset.__getitem__ = getitem
+    reports: list[dict] = []
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            JOBS[kind](parse_job_config(kind, raw), lambda m, _: reports.append(m), Path(d), None)
+    finally:
+        torch.set_default_dtype(dtype)
+        SegmentationDataset.__getitem__ = load
+    return reports
+
+
+def job_ranks(rank: int, jobs: dict) -> dict:
+    return {name: float64_job(kind, raw) for name, (kind, raw) in jobs.items()}
+
+
+def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_data, tiny_schedule):
+    """CPS (teacher job) and Mean Teacher: 2 workers × 2 images = 1 worker × 4, step by step."""
+    steps = 5
+
+    def raw(workers: int, extra: dict) -> dict:
+        per_worker = 4 // workers
+        return {
+            "data": tiny_data_cfg | {"scales": [0.75, 1.0], "manifest": str(tiny_job_data.manifest)},  # padding: ignored pixels
+            "optim": {"scale_lr_with_world_size": False},
+            "schedule": tiny_schedule | {"iterations": steps, "eval_every": 1, "batch_labeled": per_worker, "batch_unlabeled": per_worker},
+            **extra,
+        }
+
+    jobs = {"cps": ("teacher", {"model": {"backbone": "resnet18"}}), "mean_teacher": ("baseline", {"method": "mean_teacher"})}
+    two = spawn(job_ranks, tmp_path, {n: (k, raw(2, e)) for n, (k, e) in jobs.items()})
+    for name, (kind, extra) in jobs.items():
+        one = float64_job(kind, raw(1, extra))
+        assert [m["step"] for m in one] == [m["step"] for m in two[0][name]] == list(range(1, steps + 1))
+        for m1, m2 in zip(one, two[0][name], strict=True):
+            assert {k: v for k, v in m2.items() if k.startswith("loss/")} == pytest.approx(
+                {k: v for k, v in m1.items() if k.startswith("loss/")}, rel=1e-8, abs=1e-10
+            ), (name, m1["step"])
+            assert m2["replica_spread"] == 0.0
+        assert two[0][name] == two[1][name]  # both ranks report the same reduced metrics
