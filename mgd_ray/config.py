@@ -72,8 +72,14 @@ class ModelConfig(Strict):
 
 
 class OptimConfig(Strict):
-    """SGD + poly LR as in the official code (method notes)."""
+    """SGD + poly LR as in the official code (method notes).
 
+    ``optimizer: adamw`` (β = 0.9, 0.999, decoupled weight decay, same poly schedule) is for
+    backbones trained from scratch, where SGD at the paper's LR barely moves in a few hundred steps
+    (the built-in quickstart has no ImageNet weights to start from); ``momentum`` is then unused.
+    """
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 0.01
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: NonNegFloat = 1e-4
@@ -136,6 +142,11 @@ class DistillJobConfig(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     output: Path = Path("mgd_ray_runs/student")
+    # A teacher-signal cache directory (``mgd_ray.teacher_cache.build_cache``): when its key matches
+    # this job (data, seed, batch sizes, crop/scales, teachers, world size) and it holds the signals
+    # and pool size the losses need, steps read the teachers' signals from it instead of running
+    # them; otherwise the job runs its teachers and logs why.
+    teacher_cache: Path | None = None
 
     @model_validator(mode="after")
     def _teachers_exist(self) -> DistillJobConfig:

@@ -56,6 +56,7 @@ def run_row(client: Any, run: Any) -> dict[str, Any]:
         "miou": max((v for _, v in history if not math.isnan(v)), default=None),
         "evals": len(history),
         "last_step": history[-1][0] if history else 0,
+        "cache": tags.get("mgd_ray.teacher_cache"),
     }
 
 
@@ -121,6 +122,18 @@ def write_report(plan: Any, state: dict[str, Any]) -> Path:
         lines.append(f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {p:.2f} | {g:.2f} |")
     sp, sg = complexity(study.student, data.num_classes, size)
     lines += ["", f"Student: {study.student.backbone}, {sp:.2f} M params, {sg:.2f} GFLOPs at {size}×{size}.", ""]
+    cache = state.get("teacher_cache") or {}
+    if cache.get("used"):
+        served = [r for r in rows if r["kind"] in ("trial", "repeat")]
+        hits = sum(1 for r in served if r.get("cache") == "hit")
+        size_text = (
+            f"{cache['bytes_per_epoch'] / 2**20:.2f} MiB per epoch ({cache['bytes_per_training_image'] / 1024:.1f} KiB per training image), "
+            f"built in {cache['seconds']:.0f} s"
+            if "bytes_per_epoch" in cache
+            else "reused from an earlier run of this study"
+        )
+        lines += [f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs "
+                  "(the others ran their teachers live: see the tag `mgd_ray.teacher_cache_reason`).", ""]
 
     # Baselines and the best configuration over seeds
     lines += ["## MGD against the baselines (best val mIoU, mean ± std over seeds)", "", "| method | val mIoU (%) |", "|---|---|"]

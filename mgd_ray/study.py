@@ -54,6 +54,7 @@ class Plan:
     experiment_id: str
     parent_run_id: str
     teachers: dict[str, Path] = field(default_factory=dict)
+    teacher_cache: Path | None = None  # set by stage_cache when the study caches teacher signals
 
     def scaling(self, teacher: bool = False) -> ScalingConfig:
         r: Resources = (self.study.teacher_resources or self.study.resources) if teacher else self.study.resources
@@ -121,6 +122,7 @@ def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> 
         optim=optim,
         schedule=schedule,
         output=output,
+        teacher_cache=plan.teacher_cache,
     )
 
 
@@ -195,7 +197,13 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
         # Finished before the driver died (Tune's snapshot may predate it): report, don't retrain.
         _report_finished(client, run, job)
         return
-    tracking.set_tags(client, run_id, {tracking.STATE_TAG: "running", "mgd_ray.params": json.dumps(job.params, sort_keys=True)})
+    tags = {tracking.STATE_TAG: "running", "mgd_ray.params": json.dumps(job.params, sort_keys=True)}
+    if isinstance(job.cfg, DistillJobConfig) and job.cfg.teacher_cache is not None:
+        from mgd_ray.teacher_cache import check_cache
+
+        status, _ = check_cache(job.cfg, world_size=plan.study.resources.workers)
+        tags |= {"mgd_ray.teacher_cache": "hit" if status.hit else "live teachers", "mgd_ray.teacher_cache_reason": status.reason[:4000]}
+    tracking.set_tags(client, run_id, tags)
     tracking.log_params(
         client, run_id, {f"search.{k}": v for k, v in job.params.items()} | tracking.flatten("", job.cfg.model_dump(mode="json"))
     )
@@ -320,6 +328,54 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
     return info
 
 
+def _searched_values(param: Any, default: int) -> list[int]:
+    """Every value an integer search parameter can take (with the study's default)."""
+    if param is None:
+        return [default]
+    values = param.choices if hasattr(param, "choices") else range(param.low, param.high + 1)
+    return sorted({default, *values})
+
+
+def stage_cache(plan: Plan) -> dict[str, Any]:
+    """Run the teachers once over the search's batch stream, for every trial to read (issue: cost).
+
+    Built for the first seed (the search's) with every H_v and iteration count the search can pick,
+    and every teacher's every signal when the search varies which teacher feeds which term. A cache
+    that already serves the study (a resumed or repeated study) is kept. One Ray task with one
+    worker's resources builds the ranks of a ``resources.workers``-worker trial in turn.
+    """
+    from mgd_ray.teacher_cache import build_cache, check_cache
+
+    s = plan.study
+    if not s.distill.teacher_cache or not plan.teachers:
+        return {"used": False}
+    directory = plan.root / "teacher_cache"
+    search = s.search
+    varied = any(getattr(search, k) is not None for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level"))
+    plan.teacher_cache = directory
+    base = distill_job(plan, {}, s.seeds[0], plan.root / "teacher_cache_job")
+    if varied:
+        refs = {n: CheckpointRef(model=s.teachers[n].model, checkpoint=plan.teachers[n]) for n in s.teachers}
+        base = base.model_copy(update={"teachers": refs})
+    pool_sizes = _searched_values(search.pool_size, base.losses.pool_size)
+    iterations = max(_searched_values(search.iterations, base.schedule.iterations))
+    r = s.resources
+    status, _ = check_cache(base.model_copy(update={"schedule": base.schedule.model_copy(update={"iterations": iterations})}), world_size=r.workers)
+    if status.hit and status.steps >= iterations:
+        log.info("teacher cache: reusing %s", directory)
+        return {"used": True, "directory": str(directory), "reused": True}
+    build = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(build_cache)
+    summary = ray.get(
+        build.remote(
+            base, directory, pool_sizes=pool_sizes, iterations=iterations, world_size=r.workers,
+            signals="all" if varied else "job", device="cuda" if r.gpus_per_worker else "cpu",
+        )
+    )
+    return {"used": True, "directory": str(directory), "reused": False, "pool_sizes": pool_sizes, "iterations": iterations} | {
+        k: summary[k] for k in ("bytes", "bytes_per_epoch", "bytes_per_training_image", "seconds") if k in summary
+    }
+
+
 def stage_baselines(plan: Plan, resume: bool) -> None:
     if not plan.study.baselines:
         return
@@ -420,6 +476,10 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     try:
         state["teachers"] = stage_teachers(plan, resume)
         save_state()
+        state["teacher_cache"] = stage_cache(plan)
+        save_state()
+        cache_info = {f"teacher_cache.{k}": v for k, v in state["teacher_cache"].items() if k not in ("pool_sizes",)}
+        tracking.set_tags(client, parent_id, {k: str(v) for k, v in cache_info.items()})
         if not state["stages"].get("baselines"):
             stage_baselines(plan, resume)
             state["stages"]["baselines"] = True

@@ -182,6 +182,9 @@ class DistillDefaults(Strict):
 
     losses: DistillLosses = DistillLosses()
     teacher_mode: Literal["eval", "train"] = "eval"
+    # Run the teachers once per study over the search's batch stream and let every trial read their
+    # signals (``mgd_ray.teacher_cache``); trials it cannot serve (another seed) run them live.
+    teacher_cache: bool = True
 
 
 class SearcherConfig(Strict):

@@ -165,12 +165,17 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
         assert {"checkpoint/model.pt", "plots/confusion_matrix.png", "plots/predictions.png"} <= arts
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
     assert all(float(r.data.params["losses.lambda_1"]) > 0 for r in trials)
+    # The teachers ran once for the whole search: every trial read their signals from the cache.
+    assert [r.data.tags["mgd_ray.teacher_cache"] for r in trials] == ["hit", "hit"], [r.data.tags.get("mgd_ray.teacher_cache_reason") for r in trials]
+    assert all(r.data.metrics["cache/hit_rate"] == 1.0 for r in trials)
+    assert float(parent.data.tags["teacher_cache.bytes_per_epoch"]) > 0
     assert len({r.data.params["losses.lambda_1"] for r in trials}) == 2  # Optuna proposed two configurations
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/miou_vs_gflops.png", "report/predictions.png"} <= report
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "best_student_onnx")] == ["best_student_onnx/best_student.onnx"]
     text = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(env["root"]))).read_text()
     assert "| supervised |" in text and "MGD (best searched configuration)" in text
+    assert "Teacher-signal cache:" in text and "it served 2 of 2 MGD runs" in text
     versions = client.search_model_versions("name = 'study-a-student'")
     assert len(versions) == 1 and "val mIoU" in versions[0].description
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from mgd_ray.data.datasets import DatasetError, voc_palette
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 BUILTIN_CLASSES = (
     "background",
     "striped_disc",
@@ -164,13 +164,17 @@ def _contrasting(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
 def _sample_scene(
     rng: np.random.Generator, size: int, num_classes: int, items: dict[int, np.ndarray]
 ) -> list[SceneObject]:
-    """2–5 objects of random foreground classes and 2–5 distractors, in random paint order."""
+    """1–4 objects of random foreground classes and 1–4 distractors, in random paint order.
+
+    Sizes and texture periods are fractions of the image size, so a class keeps the same look at
+    any resolution (at 32 px an object is still 9–19 px wide, its texture 2–4 periods across).
+    """
     objects = []
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(1, 5)):
         label = int(rng.integers(1, num_classes))
         kind = CLASS_KINDS.get(label, "item")
         colour = rng.uniform(0, 255, 3)
-        radius = rng.uniform(0.09, 0.22) * size * (1.4 if kind == "item" else 1.0)
+        radius = rng.uniform(0.14, 0.30) * size * (1.25 if kind == "item" else 1.0)
         aspect = {"ring": (0.45, 0.65), "cross": (0.22, 0.35), "ellipse": (0.3, 0.45)}.get(kind, (1.0, 1.0))
         item = None
         if kind == "item":
@@ -185,24 +189,24 @@ def _sample_scene(
                 angle=rng.uniform(0, 2 * np.pi),
                 colours=(tuple(colour), tuple(_contrasting(rng, colour))),
                 texture=SHAPE_TEXTURES.get(kind, "item"),
-                period=rng.uniform(3, 7),
+                period=max(3.0, rng.uniform(0.07, 0.14) * size),
                 aspect=rng.uniform(*aspect),
                 seed=int(rng.integers(2**31)),
                 item=item,
             )
         )
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(1, 5)):
         colour = rng.uniform(0, 255, 3)
         objects.append(
             SceneObject(
                 kind=DISTRACTOR_KINDS[rng.integers(len(DISTRACTOR_KINDS))],
                 label=0,
                 center=tuple(rng.uniform(0, 1, 2) * size),
-                radius=rng.uniform(0.06, 0.2) * size,
+                radius=rng.uniform(0.06, 0.16) * size,
                 angle=rng.uniform(0, 2 * np.pi),
                 colours=(tuple(colour), tuple(_contrasting(rng, colour))),
                 texture=DISTRACTOR_TEXTURES[rng.integers(len(DISTRACTOR_TEXTURES))],
-                period=rng.uniform(3, 7),
+                period=max(3.0, rng.uniform(0.07, 0.14) * size),
                 aspect=rng.uniform(0.12, 0.3),
             )
         )

@@ -185,9 +185,12 @@ def load_job_data(cfg: DataConfig) -> JobData:
 def make_optimizer(
     params: Any, cfg: OptimConfig, iterations: int, env: DistEnv
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD + poly LR (power 0.9, no warm-up), base LR × world size as the official code scales it."""
+    """SGD (or AdamW) + poly LR (power 0.9, no warm-up), base LR × world size as the official code scales it."""
     lr = cfg.lr * (env.world_size if cfg.scale_lr_with_world_size else 1)
-    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power)
     return opt, sched
 
@@ -403,6 +406,8 @@ class FitSpec:
     after_step: Callable[[int], None] | None = None
     extra_state: Callable[[], dict[str, Any]] | None = None
     load_extra_state: Callable[[dict[str, Any]], None] | None = None
+    # Extra scalar metrics (averaged over ranks) added to every evaluation's metrics, e.g. cache/hit_rate.
+    extra_metrics: Callable[[], dict[str, float]] | None = None
 
 
 def fit(
@@ -457,6 +462,8 @@ def fit(
             continue
         metrics = {"step": step, "lr": sched.get_last_lr()[0], "replica_spread": replica_spread(model, env)}
         metrics |= all_reduce_mean({k: v / count for k, v in sums.items()}, env)
+        if spec.extra_metrics is not None:
+            metrics |= all_reduce_mean(spec.extra_metrics(), env)
         sums, count = {}, 0
         for label, net in spec.evaluated().items():
             prefix = f"val/{label}" if label else "val"

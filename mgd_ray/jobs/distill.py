@@ -27,6 +27,7 @@ from mgd_ray.jobs.common import (
     load_segmenter,
     mixed_pseudo_labels,
 )
+from mgd_ray.teacher_cache import open_cache
 
 
 @dataclass
@@ -135,20 +136,40 @@ def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, 
     pixel = set(lc.pixel_teachers if lc.pixel_teachers is not None else cfg.teachers)
     pixel_on = lc.pixel_labeled or lc.pixel_unlabeled
     over = global_batch(env)
+    # Teachers stay loaded even when a cache serves: building them draws from the global RNG before
+    # the student is initialised, and the cache may cover fewer steps than the job runs.
+    cache, cache_status = None, None
+    if cfg.teacher_cache is not None:
+        cache, cache_status = open_cache(cfg, data, env, int(resume["step"]) if resume is not None else 0)
+        if env.is_main:
+            text = cache_status.reason if cache_status.hit else f"running the teachers: {cache_status.reason}"
+            print(f"[student] {text}", flush=True)
+    served = {"hits": 0, "steps": 0}
 
-    def step(b: Batch, _: int) -> dict[str, Tensor]:
-        signals = {
-            name: teacher_signals(
-                t,
-                b,
-                pixel=pixel_on and name in pixel,
-                image=name in lc.image_teachers,
-                region=name in lc.region_teachers,
-                batched=cfg.teacher_mode == "eval",
-            )
-            for name, t in teachers.items()
-        }
+    def step(b: Batch, k: int) -> dict[str, Tensor]:
+        signals = cache.signals(k - 1, lc.pool_size) if cache is not None else None  # fit steps count from 1
+        served["steps"] += 1
+        if signals is not None:
+            served["hits"] += 1
+        else:
+            signals = {
+                name: teacher_signals(
+                    t,
+                    b,
+                    pixel=pixel_on and name in pixel,
+                    image=name in lc.image_teachers,
+                    region=name in lc.region_teachers,
+                    batched=cfg.teacher_mode == "eval",
+                )
+                for name, t in teachers.items()
+            }
         return distill_terms(student, signals, b, cfg, over)
+
+    def cache_metrics() -> dict[str, float]:
+        """cache/hit: the cache's key matched this job; cache/hit_rate: share of steps since the last evaluation it served."""
+        rate = served["hits"] / max(served["steps"], 1)
+        served["hits"] = served["steps"] = 0
+        return {"cache/hit": float(cache_status is not None and cache_status.hit), "cache/hit_rate": rate}
 
     spec = FitSpec(
         name="student",
@@ -156,5 +177,6 @@ def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, 
         step=step,
         evaluated=lambda: {"": student},
         export=lambda _: (student, cfg.student, "student"),
+        extra_metrics=cache_metrics if cfg.teacher_cache is not None else None,
     )
     return fit(spec, data, cfg.data, cfg.optim, cfg.schedule, env, report, checkpoint_root, resume)

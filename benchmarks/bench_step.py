@@ -1,0 +1,295 @@
+"""Throughput and peak memory of one MGD distillation step. Not a test: it prints a table.
+
+    python benchmarks/bench_step.py                                   # the paper's backbones, 128² crops
+    python benchmarks/bench_step.py --crop 64 --batch 2 --student mobilenet_v2 --t-d resnet34 --t-w resnet18
+
+One step = student forward + backward on x_l and x_mix, the teachers' signals, every loss of Eq. 7
+(sup, pixel-level from both teachers, image-level from T_D, region-level from T_W), an SGD update.
+Rows, each in its own process (so max RSS is that row's peak):
+
+- ``reference``: the step as the official code writes it: every teacher in train mode under
+  ``no_grad``, one forward each on u0, u1, x_mix and x_l, losses from the full outputs.
+- ``mgd_ray (teacher_mode=train)``: ``run_distill``'s step with the official train-mode teachers
+  (one forward per input, ``inference_mode``, only the outputs a loss uses): the same numbers as
+  the reference.
+- ``mgd_ray (teacher_mode=eval)``: ``run_distill``'s default step, eval-mode teachers, one batched
+  forward per teacher.
+- ``mgd_ray + teacher cache``: the signals read from a teacher-signal cache (Parquet, as
+  ``mgd_ray.teacher_cache`` writes and reads it); no teacher runs.
+
+images/s counts the images the student trains on per step (B labeled + B mixed); "teacher share" is
+the part of the step spent producing the teachers' signals (forwards, or the cache read). Peak
+memory: max RSS of the row's process on CPU, ``torch.cuda.max_memory_allocated`` on GPU. Student
+GFLOP/s: FLOPs of the student's forward + backward (``torch.utils.flop_counter``) over the step
+time minus the teacher time, against a large fp32 matmul on the same device. Weights are random:
+speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mgd_ray import losses
+from mgd_ray.config import parse_job_config
+from mgd_ray.data.transforms import box_mask
+from mgd_ray.jobs.common import Batch, mixed_pseudo_labels
+from mgd_ray.jobs.distill import distill_terms, teacher_signals
+from mgd_ray.models.deeplab import build_segmenter
+from mgd_ray.teacher_cache import TeacherCache, step_columns, write_steps
+
+ROWS = ("reference", "train", "eval", "cache")
+LABELS = {
+    "reference": "reference (official: train-mode teachers, 4 forwards each)",
+    "train": "mgd_ray (teacher_mode=train)",
+    "eval": "mgd_ray (teacher_mode=eval, batched)",
+    "cache": "mgd_ray + teacher cache (no teacher runs)",
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_batches(n: int, batch: int, crop: int, classes: int, device: torch.device, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        out.append(
+            Batch(
+                x_l=torch.randn(batch, 3, crop, crop, generator=g).to(device),
+                y=torch.randint(0, classes, (batch, crop, crop), generator=g).to(device),
+                u0=torch.randn(batch, 3, crop, crop, generator=g).to(device),
+                u1=torch.randn(batch, 3, crop, crop, generator=g).to(device),
+                m=box_mask(batch, crop, crop, g).to(device),
+            )
+        )
+    return out
+
+
+def reference_step(student, teachers, b: Batch, cfg, opt) -> tuple[float, float]:
+    """The official code's step: each teacher on u0, u1, x_mix and x_l separately, no_grad, train mode."""
+    sync(b.x_l.device)
+    t0 = time.perf_counter()
+    x_mix = b.x_mix
+    outs = {}
+    with torch.no_grad():
+        for name, t in teachers.items():
+            outs[name] = {k: t(v) for k, v in (("u0", b.u0), ("u1", b.u1), ("mix", x_mix), ("l", b.x_l))}
+    sync(b.x_l.device)
+    t_teacher = time.perf_counter() - t0
+    lc = cfg.losses
+    out_l = student(b.x_l)
+    out_mix = student(x_mix)
+    loss = losses.supervised_loss(out_l.logits, b.y)
+    for name, o in outs.items():
+        loss = loss + losses.pixel_consistency_loss(out_l.logits, o["l"].logits)
+        pl_mix = mixed_pseudo_labels(o["u0"].logits, o["u1"].logits, b.m)
+        loss = loss + losses.pixel_consistency_loss(out_mix.logits, pl_mix)
+    loss = loss + lc.lambda_1 * losses.image_level_loss(out_mix.logits, outs["T_D"]["mix"].logits)
+    loss = loss + lc.lambda_2 * losses.region_level_loss(out_mix.features, outs["T_W"]["mix"].features, lc.pool_size)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sync(b.x_l.device)
+    return time.perf_counter() - t0, t_teacher
+
+
+def mgd_step(student, signals_fn, b: Batch, k: int, cfg, opt) -> tuple[float, float]:
+    """``run_distill``'s step (signals from teachers or the cache) + the optimiser update ``fit`` does."""
+    sync(b.x_l.device)
+    t0 = time.perf_counter()
+    signals = signals_fn(b, k)
+    sync(b.x_l.device)
+    t_teacher = time.perf_counter() - t0
+    terms = distill_terms(student, signals, b, cfg)
+    loss = torch.stack(list(terms.values())).sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sync(b.x_l.device)
+    return time.perf_counter() - t0, t_teacher
+
+
+def run_row(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = parse_job_config(
+        "student",
+        {
+            "teachers": {
+                "T_D": {"model": {"backbone": args.t_d}, "checkpoint": "unused.pt"},
+                "T_W": {"model": {"backbone": args.t_w}, "checkpoint": "unused.pt"},
+            },
+            "teacher_mode": "eval" if args.row in ("eval", "cache") else "train",
+            "losses": {"pool_size": args.pool_size},
+        },
+    )
+    student = build_segmenter(args.student, args.classes).to(device).train()
+    teachers = {
+        "T_D": build_segmenter(args.t_d, args.classes).to(device),
+        "T_W": build_segmenter(args.t_w, args.classes).to(device),
+    }
+    for t in teachers.values():
+        t.requires_grad_(False).train(cfg.teacher_mode == "train")
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+    total = args.warmup + args.steps
+    data = make_batches(total, args.batch, args.crop, args.classes, device)
+    lc = cfg.losses
+
+    def live(b: Batch, _: int):
+        return {
+            name: teacher_signals(
+                t, b, pixel=True, image=name in lc.image_teachers, region=name in lc.region_teachers, batched=cfg.teacher_mode == "eval"
+            )
+            for name, t in teachers.items()
+        }
+
+    cache_bytes = None
+    signals_fn = live
+    if args.row == "cache":
+        stored = {"T_D": ["pl_l", "pl_mix", "logits_mix"], "T_W": ["pl_l", "pl_mix", f"feats_mix@{args.pool_size}"]}
+        tmp = Path(tempfile.mkdtemp(prefix="bench_step_cache_")) / "rank0-of-1.parquet"
+        columns = write_steps(tmp, (step_columns(teachers, b, stored, [args.pool_size], True) for b in data))
+        cache_bytes = tmp.stat().st_size / total
+        meta = {"iterations": total, "columns": columns}
+        cache = TeacherCache(tmp, meta, device, teachers)
+        del teachers  # nothing runs them now
+
+        def signals_fn(b: Batch, k: int):
+            return cache.signals(k, lc.pool_size)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, teacher_times = [], []
+    for k, b in enumerate(data):
+        if args.row == "reference":
+            dt, tt = reference_step(student, teachers, b, cfg, opt)
+        else:
+            dt, tt = mgd_step(student, signals_fn, b, k, cfg, opt)
+        if k >= args.warmup:
+            times.append(dt)
+            teacher_times.append(tt)
+    # FLOPs of the student part of one step (forward + backward), counted on a cached-signal step.
+    flops = None
+    if args.row == "cache":
+        with FlopCounterMode(display=False) as counter:
+            terms = distill_terms(student, signals_fn(data[0], 0), data[0], cfg)
+            torch.stack(list(terms.values())).sum().backward()
+        flops = counter.get_total_flops()
+        opt.zero_grad(set_to_none=True)
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    )
+    step_s = sum(times) / len(times)
+    teacher_s = sum(teacher_times) / len(teacher_times)
+    return {
+        "row": args.row,
+        "step_s": step_s,
+        "teacher_s": teacher_s,
+        "images_per_s": 2 * args.batch / step_s,
+        "peak_bytes": peak,
+        "student_flops": flops,
+        "cache_bytes_per_step": cache_bytes,
+    }
+
+
+def matmul_gflops(device: torch.device, n: int, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--t-d", default="resnet101")
+    p.add_argument("--t-w", default="wide_resnet50_2")
+    p.add_argument("--batch", type=int, default=2, help="labeled and unlabeled batch size")
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--classes", type=int, default=21)
+    p.add_argument("--pool-size", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--matmul", type=int, default=None, help="matmul size (default 4096 on GPU, 2048 on CPU)")
+    p.add_argument(
+        "--onednn-cache",
+        type=int,
+        default=None,
+        help="ONEDNN_PRIMITIVE_CACHE_CAPACITY for the rows (CPU). oneDNN's default of 1024 primitives is too few "
+        "for two teachers + a student: primitives are rebuilt every step and CPU steps run many times slower",
+    )
+    p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: run one row, print JSON
+    args = p.parse_args()
+    if args.row is not None:
+        print("RESULT " + json.dumps(run_row(args)), flush=True)
+        return
+
+    results = {}
+    for row in args.rows:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--row", row]
+        env = dict(os.environ)
+        if args.onednn_cache is not None:
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"row {row} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[row] = json.loads(line.removeprefix("RESULT "))
+    device = torch.device(args.device)
+    n = args.matmul or (4096 if device.type == "cuda" else 2048)
+    peak = matmul_gflops(device, n)
+
+    print(
+        f"\nbench_step: student {args.student}, T_D {args.t_d}, T_W {args.t_w}, batch {args.batch}+{args.batch}, "
+        f"crop {args.crop}, {args.steps} timed steps after {args.warmup} warm-up, {args.device} ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, oneDNN primitive cache {args.onednn_cache or os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'default (1024)')}"
+    )
+    mem = "peak GPU mem" if device.type == "cuda" else "max RSS"
+    header = f"{'step':<58} {'ms/step':>9} {'images/s':>9} {'vs ref':>7} {'teacher share':>14} {mem:>12}"
+    print(header)
+    print("-" * len(header))
+    ref = results.get("reference")
+    for row, r in results.items():
+        speedup = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+        print(
+            f"{LABELS[row]:<58} {1e3 * r['step_s']:>9.1f} {r['images_per_s']:>9.2f} {speedup:>7} "
+            f"{100 * r['teacher_s'] / r['step_s']:>13.1f}% {r['peak_bytes'] / 2**20:>9.0f} MiB"
+        )
+    cached = results.get("cache")
+    if cached is not None:
+        print(f"\ncache size: {cached['cache_bytes_per_step'] / 1024:.1f} KiB per step (Parquet, zstd) = "
+              f"{cached['cache_bytes_per_step'] / (2 * args.batch) / 1024:.1f} KiB per unlabeled image")
+        flops = cached["student_flops"]
+        print(f"student step (fwd+bwd, x_l and x_mix): {flops / 1e9:.2f} GFLOP")
+        for row, r in results.items():
+            student_s = r["step_s"] - r["teacher_s"]
+            print(f"  {LABELS[row]:<58} student part {1e3 * student_s:8.1f} ms = {flops / student_s / 1e9:7.1f} GFLOP/s "
+                  f"({100 * flops / student_s / 1e9 / peak:.0f}% of matmul)")
+    print(f"fp32 matmul {n}×{n}: {peak:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
