@@ -34,10 +34,10 @@ def _child_runs(plan: Any) -> list[Any]:
 
 
 def finalize_stopped(plan: Any) -> None:
-    """Runs still marked running after their stage ended were stopped early by ASHA: say so in MLflow."""
+    """Runs still running or interrupted after every stage succeeded were stopped early by ASHA."""
     client = tracking.client_for(plan.tracking_uri)
     for run in _child_runs(plan):
-        if run.data.tags.get(tracking.STATE_TAG) == "running":
+        if run.data.tags.get(tracking.STATE_TAG) in ("running", "interrupted"):
             tracking.set_tags(client, run.info.run_id, {tracking.STATE_TAG: "stopped_early"})
             client.set_terminated(run.info.run_id, "KILLED")
 
@@ -132,8 +132,11 @@ def write_report(plan: Any, state: dict[str, Any]) -> Path:
             if "bytes_per_epoch" in cache
             else "reused from an earlier run of this study"
         )
-        lines += [f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs "
-                  "(the others ran their teachers live: see the tag `mgd_ray.teacher_cache_reason`).", ""]
+        lines += [
+            f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs"
+            + (" (the others ran their teachers live: see their tag `mgd_ray.teacher_cache_reason`)." if hits < len(served) else "."),
+            "",
+        ]
 
     # Baselines and the best configuration over seeds
     lines += ["## MGD against the baselines (best val mIoU, mean ± std over seeds)", "", "| method | val mIoU (%) |", "|---|---|"]

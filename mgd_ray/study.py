@@ -224,9 +224,12 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
         model_path = export_model(result, job.cfg.output)
         tracking.log_files(client, run_id, [model_path], "checkpoint")
         log_model_artifacts(plan, client, run_id, model_path, job)
-    except BaseException:
-        tracking.set_tags(client, run_id, {tracking.STATE_TAG: "failed"})
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as err:
+        # ASHA stopping a trial and a job that really failed both end here, and Ray does not tell
+        # them apart by exception type. Leave "interrupted": a real failure fails the stage
+        # (``_check``) and the study; the report turns the others into "stopped_early".
+        tracking.set_tags(client, run_id, {tracking.STATE_TAG: "interrupted", "mgd_ray.error": repr(err)[:4000]})
+        client.set_terminated(run_id, "KILLED")
         raise
     tracking.log_metrics(client, run_id, {"time/train_s": time.time() - start}, step=int(job.cfg.schedule.iterations))
     tracking.set_tags(client, run_id, {tracking.STATE_TAG: "finished"})
