@@ -51,6 +51,9 @@ def _atomic_write(out: Path, write: Callable[[Path], None]) -> Path:
     temporary = Path(name)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        temporary.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the exported model private
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)

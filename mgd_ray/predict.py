@@ -34,7 +34,9 @@ from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
 from mgd_ray.plots import overlay
 from mgd_ray.tracking import CHECKPOINT_ARTIFACT, client_for
 
-RUN_ARTIFACTS = (CHECKPOINT_ARTIFACT, f"model/{MODEL_FILE}")  # where a run keeps its self-describing checkpoint
+# Where a run keeps its self-describing checkpoint: a training run, or a study's parent run, which
+# holds the registered best student's checkpoint (the registered MLflow model is a pickled module).
+RUN_ARTIFACTS = (CHECKPOINT_ARTIFACT, f"best_student_checkpoint/{MODEL_FILE}", f"model/{MODEL_FILE}")
 Window = int | Literal["auto"] | None
 
 

@@ -23,6 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
+from mgd_ray.predict import resolve_model
 
 BIN = Path(sys.executable).parent
 # Same tiny shapes as tests/conftest.py (a conftest is not importable by name: tests/data has one too).
@@ -178,6 +179,15 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     assert "Teacher-signal cache:" in text and "it served 2 of 2 MGD runs" in text
     versions = client.search_model_versions("name = 'study-a-student'")
     assert len(versions) == 1 and "val mIoU" in versions[0].description
+    # The registered model is what a user predicts with and exports after a study: it resolves to
+    # the checkpoint of one of the study's trials, byte for byte.
+    ckpt = resolve_model(f"models:/study-a-student/{versions[0].version}", env["uri"], env["root"] / "registered")
+    trial_ckpts = []
+    for r in trials:
+        dest = env["root"] / "trial_ckpt" / r.info.run_id
+        dest.mkdir(parents=True)
+        trial_ckpts.append(Path(client.download_artifacts(r.info.run_id, "checkpoint/model.pt", str(dest))).read_bytes())
+    assert ckpt.read_bytes() in trial_ckpts
 
 
 def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_a):
