@@ -91,6 +91,22 @@ def complexity(model: ModelConfig, num_classes: int, size: int) -> tuple[float, 
     return count_params(net) / 1e6, count_flops(net, (size, size)) / 1e9
 
 
+def latency_ms(model: ModelConfig, num_classes: int, size: int, reps: int = 5) -> float:
+    """Median eager-PyTorch latency (ms) of one size×size image on this process's device.
+
+    Measured where the report is written (the driver), with untrained weights: latency does not
+    depend on them. ``torch.utils.benchmark`` handles warm-up and thread settings.
+    """
+    from torch.utils.benchmark import Timer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_segmenter(model.backbone, num_classes, model.output_stride, stem=model.stem).eval().to(device)
+    x = torch.zeros(1, 3, size, size, device=device)
+    with torch.inference_mode():
+        net(x)  # warm-up
+        return 1000 * Timer("net(x)", globals={"net": net, "x": x}).timeit(reps).median
+
+
 def write_report(plan: Any, state: dict[str, Any]) -> Path:
     """Write ``report.md`` (+ plots) under the study's folder and log them to the parent run."""
     from mgd_ray.final_eval import job_data
@@ -118,7 +134,12 @@ def write_report(plan: Any, state: dict[str, Any]) -> Path:
             hist = tracking.metric_history(client, info["run_id"], METRIC)
             miou = max((v for _, v in hist), default=None)
         p, g = complexity(spec.model, data.num_classes, size)
-        teacher_rows.append({"name": f"teacher {name} ({spec.model.backbone})", "kind": "teacher", "miou": miou, "gflops": g})
+        teacher_rows.append(
+            {
+                "name": f"teacher {name} ({spec.model.backbone})", "kind": "teacher", "miou": miou, "gflops": g,
+                "latency_ms": latency_ms(spec.model, data.num_classes, size),
+            }
+        )
         lines.append(f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {p:.2f} | {g:.2f} |")
     sp, sg = complexity(study.student, data.num_classes, size)
     lines += ["", f"Student: {study.student.backbone}, {sp:.2f} M params, {sg:.2f} GFLOPs at {size}×{size}.", ""]
@@ -166,7 +187,7 @@ def write_report(plan: Any, state: dict[str, Any]) -> Path:
 
     out_dir = plan.root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    pictures = _plots(plan, rows, trials, summary, teacher_rows, sg, out_dir)
+    pictures = _plots(plan, rows, trials, summary, teacher_rows, (sg, latency_ms(study.student, data.num_classes, size)), out_dir)
     if pictures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pictures] + [""]
     if best is not None:
@@ -213,18 +234,26 @@ def _verdict(mgd: list[float], baselines: dict[str, list[float]], teachers: list
     return " ".join(out)
 
 
-def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, student_gflops: float, out: Path) -> list[Path]:
+def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, student_cost: tuple[float, float], out: Path) -> list[Path]:
+    """The paper's Fig. 1 for this study (mIoU against GFLOPs and against measured latency), Optuna's plots."""
     from mgd_ray.plots import plot_miou_vs_cost
     from mgd_ray.study_search import optuna_study_from
 
     pictures = []
-    points = [{"name": r["name"], "kind": "trial", "miou": r["miou"], "gflops": student_gflops} for r in trials if r["miou"] is not None]
-    points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0], "gflops": student_gflops} for n, v in summary.items()]
+    cost = {"gflops": student_cost[0], "latency_ms": student_cost[1]}
+    points = [{"name": r["name"], "kind": "trial", "miou": r["miou"]} | cost for r in trials if r["miou"] is not None]
+    points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0]} | cost for n, v in summary.items()]
     points += [t for t in teachers if t["miou"] is not None]
     if points:
-        path = out / "miou_vs_gflops.png"
-        plot_miou_vs_cost(points, path, cost_key="gflops")
-        pictures.append(path)
+        size = plan.study.data.crop_size
+        device = "GPU" if torch.cuda.is_available() else "CPU"
+        for key, title in (
+            ("gflops", f"mIoU against GFLOPs at {size}×{size}"),
+            ("latency_ms", f"mIoU against eager-PyTorch latency, batch 1, {size}×{size}, driver {device}"),
+        ):
+            path = out / f"miou_vs_{key.removesuffix('_ms')}.png"
+            plot_miou_vs_cost(points, path, cost_key=key, title=title)
+            pictures.append(path)
     ostudy = optuna_study_from(trials, plan.study.search)
     if len(ostudy.trials) >= 2:
         import matplotlib

@@ -172,7 +172,7 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     assert float(parent.data.tags["teacher_cache.bytes_per_epoch"]) > 0
     assert len({r.data.params["losses.lambda_1"] for r in trials}) == 2  # Optuna proposed two configurations
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/report.md", "report/miou_vs_gflops.png", "report/predictions.png"} <= report
+    assert {"report/report.md", "report/miou_vs_gflops.png", "report/miou_vs_latency.png", "report/predictions.png"} <= report
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "best_student_onnx")] == ["best_student_onnx/best_student.onnx"]
     text = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(env["root"]))).read_text()
     assert "| supervised |" in text and "MGD (best searched configuration)" in text
