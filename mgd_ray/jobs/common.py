@@ -292,16 +292,23 @@ def load_segmenter(path: Path, expect: ModelConfig, num_classes: int, what: str 
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> Path:
-    """Write the training state atomically (temp file then rename) into ``directory``."""
+    """Write the training state atomically (temp file then rename) into ``directory``.
+
+    ``state["history"]`` goes to ``HISTORY_FILE`` (JSON, readable without torch), the rest to
+    ``STATE_FILE``, written last.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / HISTORY_FILE).write_text(json.dumps(state.get("history", []), indent=1))
     tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
+    torch.save({k: v for k, v in state.items() if k != "history"}, tmp)
     tmp.replace(directory / STATE_FILE)
     return directory
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    history = directory / HISTORY_FILE
+    return state | {"history": json.loads(history.read_text()) if history.is_file() else []}
 
 
 def rng_state() -> dict[str, Any]:
@@ -437,7 +444,7 @@ def fit(
         if spec.load_extra_state is not None:
             spec.load_extra_state(resume["extra"])
         start = int(resume["step"])
-    history: list[dict[str, float]] = list(resume.get("history", [])) if resume is not None else []
+    history: list[dict[str, float]] = list(resume["history"]) if resume is not None else []
     model.train()
     progress = Progress(spec.name, schedule.iterations, start, env)
     stream_ = batches(data, schedule, data_cfg.loader_workers, env, start, spec.unlabeled)
@@ -487,7 +494,6 @@ def fit(
                     "history": history,
                 },
             )
-            (ckpt_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
             record = segmenter_record(chosen, model_cfg, data, data_cfg.crop_size, role)
             torch.save(record | {"metrics": metrics}, ckpt_dir / MODEL_FILE)
         report(metrics, ckpt_dir)
