@@ -1,3 +1,4 @@
+import colorsys
 import gzip
 import json
 from pathlib import Path
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgd_ray.data.builtin import BUILTIN_CLASSES, SceneObject, generate_builtin, render_scene
+from mgd_ray.data.builtin import (
+    BUILTIN_CLASSES,
+    HUE_JITTER,
+    OFF_HUE,
+    SceneObject,
+    _sample_scene,
+    class_hue,
+    generate_builtin,
+    render_scene,
+)
 from mgd_ray.data.datasets import DatasetError, folder_samples
 
 SMALL = dict(num_train=6, num_val=3, size=48)
@@ -48,18 +58,40 @@ def test_default_generation_has_every_class_often_and_valid_masks(default_datase
     assert (images_with[1:] >= 8).all(), images_with
 
 
-def test_colour_does_not_identify_the_class(default_dataset):
-    """Mean object colour per class is near mid-grey: colours are drawn independently of the class."""
-    root, _ = default_dataset
-    sums, counts = np.zeros((6, 3)), np.zeros(6)
-    for index in range(64):
-        image = np.array(Image.open(root / "images" / f"train_{index:05d}.png"), float)
-        label = np.array(Image.open(root / "labels" / f"train_{index:05d}.png"))
-        for c in range(1, 6):
-            sums[c] += image[label == c].sum(axis=0)
-            counts[c] += (label == c).sum()
-    means = sums[1:] / counts[1:, None]
-    assert np.abs(means - 127.5).max() < 40, means
+def test_class_hue_is_a_strong_but_unreliable_cue():
+    """About 1 - OFF_HUE of the objects carry their class hue (± HUE_JITTER); the rest any hue.
+
+    An off-hue object still lands within the jitter band by chance with probability 2·HUE_JITTER,
+    so the expected in-band share is (1 - 0.2) + 0.2 · 0.14 = 0.828. The texture's second colour
+    is a darker shade of the first (same hue), so the texture never changes the hue cue.
+    """
+    rng = np.random.default_rng(123)
+    near, total, off_hues = 0, 0, []
+    for _ in range(600):
+        for obj in _sample_scene(rng, 32, 6, {}):
+            if obj.label == 0:
+                continue
+            h0 = colorsys.rgb_to_hsv(*(np.array(obj.colours[0]) / 255))[0]
+            h1 = colorsys.rgb_to_hsv(*(np.array(obj.colours[1]) / 255))[0]
+            assert h1 == pytest.approx(h0, abs=1e-9)
+            d = abs(h0 - class_hue(obj.label))
+            d = min(d, 1 - d)
+            total += 1
+            if d <= HUE_JITTER + 1e-9:
+                near += 1
+            else:
+                off_hues.append(h0)
+    assert total > 1000
+    expected = (1 - OFF_HUE) + OFF_HUE * 2 * HUE_JITTER
+    assert abs(near / total - expected) < 0.03, (near, total)
+    # off-hue objects cover the colour circle: every sixth of it is used
+    assert set(np.floor(np.array(off_hues) * 6).astype(int)) == set(range(6))
+
+
+def test_class_hues_are_distinct():
+    hues = [class_hue(c) for c in range(1, 6)]
+    gaps = [min(abs(a - b), 1 - abs(a - b)) for i, a in enumerate(hues) for b in hues[i + 1:]]
+    assert hues[0] == 0.0 and min(gaps) > 2 * HUE_JITTER
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
