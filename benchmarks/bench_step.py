@@ -14,6 +14,9 @@ Rows, each in its own process (so max RSS is that row's peak):
   the reference.
 - ``mgd_ray (teacher_mode=eval)``: ``run_distill``'s default step, eval-mode teachers, one batched
   forward per teacher.
+- ``mgd_ray (eval, channels_last, …)``: the same with the teachers' execution options
+  (``FrozenTeacher``): channels_last and, with ``--fast-precision bf16`` (the default on GPU), bf16
+  autocast; bf16 changes the signals slightly.
 - ``mgd_ray + teacher cache``: the signals read from a teacher-signal cache (Parquet, as
   ``mgd_ray.teacher_cache`` writes and reads it); no teacher runs.
 
@@ -44,15 +47,16 @@ from mgd_ray import losses
 from mgd_ray.config import parse_job_config
 from mgd_ray.data.transforms import box_mask
 from mgd_ray.jobs.common import Batch, mixed_pseudo_labels
-from mgd_ray.jobs.distill import distill_terms, teacher_signals
+from mgd_ray.jobs.distill import FrozenTeacher, distill_terms, teacher_signals
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.teacher_cache import TeacherCache, step_columns, write_steps
 
-ROWS = ("reference", "train", "eval", "cache")
+ROWS = ("reference", "train", "eval", "fast", "cache")
 LABELS = {
     "reference": "reference (official: train-mode teachers, 4 forwards each)",
     "train": "mgd_ray (teacher_mode=train)",
     "eval": "mgd_ray (teacher_mode=eval, batched)",
+    "fast": "mgd_ray (eval, batched, channels_last, --fast-precision)",
     "cache": "mgd_ray + teacher cache (no teacher runs)",
 }
 
@@ -132,7 +136,7 @@ def run_row(args: argparse.Namespace) -> dict:
                 "T_D": {"model": {"backbone": args.t_d}, "checkpoint": "unused.pt"},
                 "T_W": {"model": {"backbone": args.t_w}, "checkpoint": "unused.pt"},
             },
-            "teacher_mode": "eval" if args.row in ("eval", "cache") else "train",
+            "teacher_mode": "eval" if args.row in ("eval", "fast", "cache") else "train",
             "losses": {"pool_size": args.pool_size},
         },
     )
@@ -143,6 +147,9 @@ def run_row(args: argparse.Namespace) -> dict:
     }
     for t in teachers.values():
         t.requires_grad_(False).train(cfg.teacher_mode == "train")
+    if args.row == "fast":
+        precision = args.fast_precision or ("bf16" if device.type == "cuda" else "fp32")
+        teachers = {n: FrozenTeacher(t, precision, channels_last=True).eval() for n, t in teachers.items()}
     opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     total = args.warmup + args.steps
     data = make_batches(total, args.batch, args.crop, args.classes, device)
@@ -240,6 +247,7 @@ def main() -> None:
         help="ONEDNN_PRIMITIVE_CACHE_CAPACITY for the rows (CPU). oneDNN's default of 1024 primitives is too few "
         "for two teachers + a student: primitives are rebuilt every step and CPU steps run many times slower",
     )
+    p.add_argument("--fast-precision", choices=("fp32", "bf16"), default=None, help="teacher precision of the 'fast' row (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = p.parse_args()
     if args.row is not None:

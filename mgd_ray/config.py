@@ -138,6 +138,10 @@ class DistillJobConfig(Strict):
     student: ModelConfig = ModelConfig()
     teachers: dict[str, CheckpointRef]
     teacher_mode: Literal["eval", "train"] = "eval"
+    # How the frozen teachers execute (``mgd_ray.jobs.distill.FrozenTeacher``): bf16 autocast and
+    # channels_last speed them up on GPUs with tensor cores; bf16 changes their outputs slightly.
+    teacher_precision: Literal["fp32", "bf16"] = "fp32"
+    teacher_channels_last: bool = False
     losses: DistillLosses = DistillLosses()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()

@@ -118,6 +118,8 @@ def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> 
         student=s.student,
         teachers={n: CheckpointRef(model=s.teachers[n].model, checkpoint=plan.teachers[n]) for n in used},
         teacher_mode=s.distill.teacher_mode,
+        teacher_precision=s.distill.teacher_precision,
+        teacher_channels_last=s.distill.teacher_channels_last,
         losses=losses,
         optim=optim,
         schedule=schedule,

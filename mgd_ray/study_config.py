@@ -182,6 +182,8 @@ class DistillDefaults(Strict):
 
     losses: DistillLosses = DistillLosses()
     teacher_mode: Literal["eval", "train"] = "eval"
+    teacher_precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast teachers (GPU speed-up, inexact)
+    teacher_channels_last: bool = False
     # Run the teachers once per study over the search's batch stream and let every trial read their
     # signals (``mgd_ray.teacher_cache``); trials it cannot serve (another seed) run them live.
     teacher_cache: bool = True

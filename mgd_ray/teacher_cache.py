@@ -63,6 +63,7 @@ KEY_FIELDS = (
     "crop_size",
     "scales",
     "teacher_mode",
+    "teacher_exec",
     "world_size",
     "rank",
     "teachers",
@@ -76,6 +77,7 @@ KEY_LABELS = {
     "crop_size": "crop size",
     "scales": "augmentation scales",
     "teacher_mode": "teacher mode",
+    "teacher_exec": "teacher precision and memory format",
     "world_size": "world size",
     "rank": "rank",
     "teachers": "teachers (names, architectures, checkpoint file hashes)",
@@ -125,6 +127,7 @@ def job_key(cfg: DistillJobConfig, data: JobData, world_size: int, rank: int) ->
         "crop_size": cfg.data.crop_size,
         "scales": [float(s) for s in cfg.data.scales],
         "teacher_mode": cfg.teacher_mode,
+        "teacher_exec": {"precision": cfg.teacher_precision, "channels_last": cfg.teacher_channels_last},
         "world_size": world_size,
         "rank": rank,
         "teachers": {

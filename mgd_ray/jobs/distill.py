@@ -27,6 +27,7 @@ from mgd_ray.jobs.common import (
     load_segmenter,
     mixed_pseudo_labels,
 )
+from mgd_ray.models.deeplab import SegmenterOutput
 from mgd_ray.teacher_cache import open_cache
 
 
@@ -115,14 +116,37 @@ def distill_terms(
     return terms
 
 
+class FrozenTeacher(nn.Module):
+    """A teacher run the fast way the config allows, returning float32 outputs either way.
+
+    ``channels_last`` stores weights and inputs NHWC (what cuDNN's tensor-core kernels want; exact
+    up to float rounding); ``bf16`` runs the forward under autocast (about 2× on tensor cores;
+    pseudo labels and signals change slightly, so it is opt-in and part of the teacher-cache key).
+    """
+
+    def __init__(self, net: nn.Module, precision: str = "fp32", channels_last: bool = False):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.precision = precision
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> SegmenterOutput:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.net(x)
+        return SegmenterOutput(*(t.float().contiguous() for t in out))
+
+
 def load_teachers(cfg: DistillJobConfig, num_classes: int, device: torch.device) -> dict[str, nn.Module]:
     """Frozen teachers in the configured mode (eval by default; the official code keeps train mode)."""
     teachers = {}
     for name, ref in cfg.teachers.items():
         t = load_segmenter(ref.checkpoint, ref.model, num_classes, what=f"teacher {name}").to(device)
         t.requires_grad_(False)
-        t.train(cfg.teacher_mode == "train")
-        teachers[name] = t
+        if cfg.teacher_precision != "fp32" or cfg.teacher_channels_last:
+            t = FrozenTeacher(t, cfg.teacher_precision, cfg.teacher_channels_last)
+        teachers[name] = t.train(cfg.teacher_mode == "train")
     return teachers
 
 

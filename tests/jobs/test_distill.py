@@ -8,7 +8,12 @@ import torch
 from mgd_ray import losses
 from mgd_ray.config import parse_job_config
 from mgd_ray.jobs.common import Batch, load_segmenter
-from mgd_ray.jobs.distill import distill_terms, load_teachers, teacher_signals
+from mgd_ray.jobs.distill import (
+    FrozenTeacher,
+    distill_terms,
+    load_teachers,
+    teacher_signals,
+)
 from mgd_ray.models.deeplab import build_segmenter
 
 
@@ -102,3 +107,41 @@ def test_unknown_teacher_name_is_a_config_error(teacher_ckpt):
 
     with pytest.raises(ConfigError, match="losses.*teacher 'T_X' is not defined"):
         student_cfg(teacher_ckpt, image_teachers=["T_X"])
+
+
+def test_channels_last_teacher_gives_the_same_signals():
+    torch.manual_seed(3)
+    net = build_segmenter("resnet18", 6).eval()
+    b = make_batch(3)
+    plain = teacher_signals(net, b, True, True, True, batched=True)
+    nhwc = FrozenTeacher(copy.deepcopy(net), channels_last=True).eval()
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in nhwc.parameters())
+    fast = teacher_signals(nhwc, b, True, True, True, batched=True)
+    assert fast.feats_mix.is_contiguous() and fast.feats_mix.dtype == torch.float32
+    torch.testing.assert_close(fast.logits_mix, plain.logits_mix, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.feats_mix, plain.feats_mix, rtol=1e-4, atol=1e-4)
+    agree = (fast.pl_mix == plain.pl_mix).float().mean().item()
+    assert agree > 0.999
+
+
+def test_bf16_teacher_runs_in_bf16_and_returns_float32_close_to_fp32():
+    torch.manual_seed(4)
+    net = build_segmenter("resnet18", 6).eval()
+    x = make_batch(4).x_mix
+    with torch.inference_mode():
+        ref = net(x)
+        out = FrozenTeacher(net, precision="bf16").eval()(x)
+    assert out.logits.dtype == torch.float32 and out.features.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: outputs move (so autocast really ran) but stay within a few percent.
+    err = (out.features - ref.features).abs().max().item()
+    scale = ref.features.abs().max().item()
+    assert 0 < err < 0.05 * scale, (err, scale)
+
+
+def test_load_teachers_applies_the_execution_options(teacher_ckpt):
+    cfg = student_cfg(teacher_ckpt).model_copy(update={"teacher_precision": "bf16", "teacher_channels_last": True})
+    teachers = load_teachers(cfg, 6, torch.device("cpu"))
+    assert all(isinstance(t, FrozenTeacher) and t.precision == "bf16" and t.channels_last and not t.training for t in teachers.values())
+    assert all(not p.requires_grad for t in teachers.values() for p in t.parameters())
+    plain = load_teachers(student_cfg(teacher_ckpt), 6, torch.device("cpu"))
+    assert not any(isinstance(t, FrozenTeacher) for t in plain.values())
