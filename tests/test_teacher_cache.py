@@ -141,8 +141,9 @@ def test_key_mismatch_messages(tmp_path, tiny_data_cfg, tiny_schedule, teacher_c
     status, _ = check_cache(parse_job_config("student", base | {"teacher_mode": "train"}))
     assert "teacher mode differs (cache eval, job train)" in status.reason
     status, _ = check_cache(parse_job_config("student", base | {"teacher_precision": "bf16"}))
-    assert not status.hit and "teacher precision and memory format differs" in status.reason
-    assert "'precision': 'fp32'" in status.reason and "'precision': 'bf16'" in status.reason
+    assert not status.hit and "teacher precision differs (cache fp32, job bf16)" in status.reason
+    status, _ = check_cache(parse_job_config("student", base | {"teacher_channels_last": True}))
+    assert not status.hit and "teacher channels_last differs (cache false, job true)" in status.reason
     # Another world size: no key file for it.
     status, _ = check_cache(parse_job_config("student", base), world_size=2, rank=1)
     assert not status.hit and "no key file rank1-of-2.json" in status.reason and "found rank0-of-1.json" in status.reason
