@@ -37,15 +37,16 @@ def finalize_stopped(plan: Any) -> None:
     """Runs still running or interrupted after every stage succeeded were stopped early by ASHA.
 
     A run ASHA stopped keeps its real end: the time it was terminated, or, when its process was
-    killed before it could say so, its last logged metric; not the time of this report, which
-    would inflate its duration (and every trial-seconds figure read from MLflow).
+    killed before it could say so, its last evaluation (every metric of an evaluation is logged in
+    one batch with one timestamp); not the time of this report, which would inflate its duration
+    (and every trial-seconds figure read from MLflow).
     """
     client = tracking.client_for(plan.tracking_uri)
     for run in _child_runs(plan):
         if run.data.tags.get(tracking.STATE_TAG) in ("running", "interrupted"):
             tracking.set_tags(client, run.info.run_id, {tracking.STATE_TAG: "stopped_early"})
             if run.info.end_time is None:
-                stamps = [m.timestamp for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
+                stamps = [m.timestamp for m in client.get_metric_history(run.info.run_id, METRIC)]
                 client.set_terminated(run.info.run_id, "KILLED", end_time=max(stamps, default=None))
 
 
