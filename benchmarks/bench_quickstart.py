@@ -36,7 +36,7 @@ def main() -> int:
     exe = Path(sys.executable).parent / "mgd-ray"
     print(f"running {exe} run {study.name} in {work} ({os.cpu_count()} CPUs)", flush=True)
     start = time.time()
-    proc = subprocess.run([str(exe), "run", study.name], cwd=work, capture_output=True, text=True)
+    proc = subprocess.run([str(exe), "run", study.name], check=False, cwd=work, capture_output=True, text=True)
     wall = time.time() - start
     (work / "run.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -128,6 +128,7 @@ class TeacherJobConfig(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     cps_weight: NonNegFloat = 1.0
+    cps_rampup: Annotated[float, Field(ge=0, le=1)] = 0.0  # fraction of iterations the CPS weight ramps up over
     ohem: bool = False
     output: Path = Path("mgd_ray_runs/teacher")
 

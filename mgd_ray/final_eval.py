@@ -1,7 +1,7 @@
-"""Evaluate a finished model on the val split, in one process: confusion matrix and example predictions.
+"""A finished model's val results for its run's artifacts: the recorded confusion matrix and example predictions.
 
-Runs where the job's driver runs (after Ray Train returns), so the artifacts a run logs — the
-confusion-matrix plot and prediction overlays — come from the exported checkpoint itself.
+Runs where the job's driver runs (after Ray Train returns), so the prediction overlays come from the
+exported checkpoint itself.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from mgd_ray.config import DataConfig, ModelConfig
 from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mgd_ray.distributed import DistEnv
-from mgd_ray.jobs.common import JobData, evaluate, load_job_data, load_segmenter
+from mgd_ray.jobs.common import JobData, load_job_data, load_segmenter
+from mgd_ray.metrics import mean_iou
 
 
 @dataclass
@@ -30,10 +30,17 @@ def load_model(path: Path, num_classes: int, what: str) -> torch.nn.Module:
     return load_segmenter(path, ModelConfig.model_validate(record["model"]), num_classes, what).eval()
 
 
-def evaluate_checkpoint(path: Path, data: JobData, batch: int = 8, window: int | None = None) -> FinalEval:
-    model = load_model(path, data.num_classes, "model")
-    cm = evaluate(model, data, DistEnv(0, 1, torch.device("cpu")), batch, window)
-    return FinalEval(confusion=cm.matrix.cpu().numpy(), miou=float(cm.miou()), class_names=data.class_names)
+def recorded_evaluation(path: Path) -> FinalEval:
+    """The val confusion matrix the job computed (over all ranks) when it exported ``path``.
+
+    The job already evaluated this network on the whole val split, in parallel on its own devices;
+    evaluating it again here, in the trial's process that holds no CPU or GPU, would repeat that.
+    """
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if "confusion" not in record:
+        raise ValueError(f"{path}: no recorded val confusion matrix (written by an older mgd_ray); evaluate it with `mgd-ray predict`")
+    matrix = torch.tensor(record["confusion"], dtype=torch.int64)
+    return FinalEval(confusion=matrix.numpy(), miou=float(mean_iou(matrix)), class_names=list(record["class_names"]))
 
 
 @torch.no_grad()

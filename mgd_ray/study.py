@@ -4,7 +4,9 @@ Every stage is a Ray Tune experiment whose trials each drive one Ray Train job (
 composing them: a Tune function that builds a ``TorchTrainer`` with ``TuneReportCallback``). Tune
 schedules trials onto the cluster (``max_concurrent``; the Tune function itself reserves no CPU,
 its Train workers do), Optuna proposes the search's configurations, ASHA stops weak ones early,
-and MLflow records it all under one parent run. ``resume=True`` restores each unfinished Tune
+and MLflow records it all under one parent run. Tune reuses a stage's trial processes from one
+trial to the next (``reuse_actors``; not under ASHA, which stops trials mid-job), so such a trial
+pays only for starting its own Train job. ``resume=True`` restores each unfinished Tune
 experiment and reuses the parent run; finished trials are never run again.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -83,7 +86,7 @@ def teacher_job(plan: Plan, name: str) -> TeacherJobConfig:
     s, spec = plan.study, plan.study.teachers[name]
     r = spec.effective_recipe
     return TeacherJobConfig(
-        data=s.data, model=spec.model, optim=r.optim, schedule=r.schedule, cps_weight=r.cps_weight, ohem=r.ohem,
+        data=s.data, model=spec.model, optim=r.optim, schedule=r.schedule, cps_weight=r.cps_weight, cps_rampup=r.cps_rampup, ohem=r.ohem,
         output=plan.root / "teachers" / name,
     )
 
@@ -209,6 +212,8 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
     tracking.log_params(
         client, run_id, {f"search.{k}": v for k, v in job.params.items()} | tracking.flatten("", job.cfg.model_dump(mode="json"))
     )
+    # Ray Train takes its controller settings from this process's environment (the study's ray_train).
+    os.environ.update(plan.study.ray_train.env_vars())
     # A restarted trial continues its Train run (same name and storage → Ray resumes from its checkpoint).
     train_name = job.key.replace("/", "-")
     start = time.time()
@@ -254,11 +259,11 @@ def log_model_artifacts(plan: Plan, client: Any, run_id: str, model_path: Path, 
     import tempfile
 
     from mgd_ray.data.datasets import voc_palette
-    from mgd_ray.final_eval import evaluate_checkpoint, example_predictions, job_data
+    from mgd_ray.final_eval import example_predictions, job_data, recorded_evaluation
     from mgd_ray.plots import overlay_grid, plot_confusion_matrix
 
     data = job_data(job.cfg.data)
-    final = evaluate_checkpoint(model_path, data, batch=job.cfg.schedule.eval_batch, window=job.cfg.data.eval_window)
+    final = recorded_evaluation(model_path)
     models = {"model": model_path} | ({} if job.teacher else {n: p for n, p in plan.teachers.items()})
     images, truths, preds = example_predictions(models, data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,7 +326,7 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
         tuner = _tuner(
             plan, "teachers", resume,
             param_space={"stage": "teachers", "teacher": ray.tune.grid_search(to_train)},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.study.searcher.max_concurrent),
+            tune_config=ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent),
         )
         _check(tuner.fit(), "teachers")
         for name in to_train:
@@ -341,13 +346,24 @@ def _searched_values(param: Any, default: int) -> list[int]:
     return sorted({default, *values})
 
 
+def _cache_cpus(plan: Plan) -> float:
+    """CPUs for the cache build: on CPU, all the search's concurrent trials will hold (nothing else
+    runs meanwhile), capped by the largest node's; on GPU, one worker's (the GPU does the work)."""
+    r = plan.study.resources
+    if r.gpus_per_worker:
+        return r.cpus_per_worker
+    wanted = plan.study.searcher.max_concurrent * r.workers * r.cpus_per_worker
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=r.cpus_per_worker)
+    return max(r.cpus_per_worker, min(wanted, largest))
+
+
 def stage_cache(plan: Plan) -> dict[str, Any]:
     """Run the teachers once over the search's batch stream, for every trial to read (issue: cost).
 
     Built for the first seed (the search's) with every H_v and iteration count the search can pick,
     and every teacher's every signal when the search varies which teacher feeds which term. A cache
-    that already serves the study (a resumed or repeated study) is kept. One Ray task with one
-    worker's resources builds the ranks of a ``resources.workers``-worker trial in turn.
+    that already serves the study (a resumed or repeated study) is kept. One Ray task builds the
+    ranks of a ``resources.workers``-worker trial in turn (CPUs: ``_cache_cpus``).
     """
     from mgd_ray.teacher_cache import build_cache, check_cache
 
@@ -369,11 +385,13 @@ def stage_cache(plan: Plan) -> dict[str, Any]:
     if status.hit and status.steps >= iterations:
         log.info("teacher cache: reusing %s", directory)
         return {"used": True, "directory": str(directory), "reused": True}
-    build = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(build_cache)
+    cpus = _cache_cpus(plan)
+    build = ray.remote(num_cpus=cpus, num_gpus=r.gpus_per_worker)(build_cache)
     summary = ray.get(
         build.remote(
             base, directory, pool_sizes=pool_sizes, iterations=iterations, world_size=r.workers,
             signals="all" if varied else "job", device="cuda" if r.gpus_per_worker else "cpu",
+            threads=max(1, int(cpus)),
         )
     )
     return {"used": True, "directory": str(directory), "reused": False, "pool_sizes": pool_sizes, "iterations": iterations} | {
@@ -391,7 +409,7 @@ def stage_baselines(plan: Plan, resume: bool) -> None:
             "baseline": ray.tune.grid_search(list(range(len(plan.study.baselines)))),
             "seed": ray.tune.grid_search(list(plan.study.seeds)),
         },
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.study.searcher.max_concurrent),
+        tune_config=ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent),
     )
     _check(tuner.fit(), "baselines")
 
@@ -402,6 +420,9 @@ def stage_search(plan: Plan, resume: bool) -> Any:
         plan, "search", resume,
         param_space={"stage": "search", "seed": s.seeds[0]},
         tune_config=ray.tune.TuneConfig(
+            # Tune can reuse a trial's process only once its function has returned; a trial that
+            # ASHA stops is still inside its Train job's fit() then, and Tune fails the stage.
+            reuse_actors=s.scheduler.type == "none",
             metric="val/mIoU",
             mode="max",
             search_alg=make_searcher(s),
@@ -423,7 +444,7 @@ def stage_repeats(plan: Plan, best_params: dict[str, Any], resume: bool) -> None
     tuner = _tuner(
         plan, "repeats", resume,
         param_space={"stage": "repeats", "params": best_params, "seed": ray.tune.grid_search(list(extra))},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.study.searcher.max_concurrent),
+        tune_config=ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent),
     )
     _check(tuner.fit(), "repeats")
 

@@ -140,6 +140,7 @@ class TeacherRecipe(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     cps_weight: NonNegFloat = 1.0
+    cps_rampup: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0: constant weight (paper); see jobs.cps.rampup
     ohem: bool = False
 
 
@@ -212,6 +213,26 @@ class Resources(Strict):
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
 
 
+class RayTrainOptions(Strict):
+    """How often a Ray Train controller looks at its workers, and whether it watches for preemption.
+
+    A controller notices a finished worker group only at its next health check, so a short job waits
+    up to one interval after its last step; Ray's default (2 s) is nothing for an hour-long job and
+    ~4% of a two-minute one. The preemption watcher is one more actor per job; it matters only on
+    clusters with spot/preemptible nodes. Ray reads both from the environment of the process that
+    starts a ``TorchTrainer``, which the study sets from these fields.
+    """
+
+    health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    preemption_watcher: bool = True
+
+    def env_vars(self) -> dict[str, str]:
+        return {
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": repr(self.health_check_interval_s),
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1" if self.preemption_watcher else "0",
+        }
+
+
 class MlflowConfig(Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
@@ -234,6 +255,7 @@ class StudyConfig(Strict):
     seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0,)
     resources: Resources = Resources()
     teacher_resources: Resources | None = None
+    ray_train: RayTrainOptions = RayTrainOptions()
     mlflow: MlflowConfig = MlflowConfig()
     storage_path: str = "mgd_ray_runs"
 

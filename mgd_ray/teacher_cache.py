@@ -205,6 +205,7 @@ def build_cache(
     device: torch.device | str | None = None,
     rows_per_group: int = ROWS_PER_GROUP,
     verbose: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Replay the batch stream of ``cfg``'s distillation job and store its teachers' signals.
 
@@ -217,7 +218,9 @@ def build_cache(
     rounding when a trial's teacher then runs on a different set of inputs).
 
     Returns a summary (files, bytes on disk, bytes per step and per training image, seconds) and
-    prints it. The global RNG is left as it was.
+    prints it. ``threads``: torch's intra-op threads while building (the caller's setting is
+    restored after); a study gives the build every CPU its search will use, as nothing else runs
+    then. The global RNG is left as it was.
     """
     from mgd_ray.jobs.distill import load_teachers
 
@@ -248,11 +251,17 @@ def build_cache(
         }
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"directory": str(out), "files": [], "bytes": 0, "iterations": iterations, "pool_sizes": pools}
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        teachers = load_teachers(cfg, data.num_classes, dev)
-        for rank in rank_list:
-            env = DistEnv(rank, world_size, dev)
-            summary["bytes"] += _build_rank(cfg, data, teachers, env, out, stored, pools, iterations, rows_per_group, summary)
+    caller_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            teachers = load_teachers(cfg, data.num_classes, dev)
+            for rank in rank_list:
+                env = DistEnv(rank, world_size, dev)
+                summary["bytes"] += _build_rank(cfg, data, teachers, env, out, stored, pools, iterations, rows_per_group, summary)
+    finally:
+        torch.set_num_threads(caller_threads)
     seconds = time.perf_counter() - t0
     n_unlabeled = max(len(data.unlabeled), 1)
     steps_per_epoch = n_unlabeled / (cfg.schedule.batch_unlabeled * world_size)  # one pass over the unlabeled set

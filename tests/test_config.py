@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from mgd_ray.config import ConfigError, absolute_paths, load_job_config, parse_job_config
+from mgd_ray.config import (
+    ConfigError,
+    absolute_paths,
+    load_job_config,
+    parse_job_config,
+)
 
 
 def test_defaults_follow_the_official_code():

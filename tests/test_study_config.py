@@ -94,3 +94,19 @@ def test_validate_cli(tmp_path, capsys):
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: invalid study" in err and "search.lambda_1" in err
+
+
+def test_ray_train_options_reach_ray_under_the_names_it_reads():
+    """The variables must be ones the installed Ray Train reads and propagates to its controller and workers."""
+    from ray.train.v2._internal.constants import (
+        ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+        ENV_VARS_TO_PROPAGATE,
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    )
+
+    study = parse_study({**MINIMAL, "ray_train": {"health_check_interval_s": 0.25, "preemption_watcher": False}})
+    env = study.ray_train.env_vars()
+    assert env == {HEALTH_CHECK_INTERVAL_S_ENV_VAR: "0.25", ENABLE_PREEMPTION_WATCHER_ENV_VAR: "0"}
+    assert set(env) <= ENV_VARS_TO_PROPAGATE
+    assert parse_study(MINIMAL).ray_train.env_vars()[HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "2.0"  # Ray's own default
+    assert any(e.startswith("ray_train.health_check_interval_s: Input should be greater than 0") for e in errors_of({**MINIMAL, "ray_train": {"health_check_interval_s": 0}}))

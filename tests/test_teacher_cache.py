@@ -232,3 +232,22 @@ def test_build_for_two_ranks(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckp
     # Rank 1's file holds other images than rank 0's.
     t0, t1 = (pq.read_table(cache_files(tmp_path, r, 2)[0]) for r in range(2))
     assert t0["T_D/pl_l"][0].as_py() != t1["T_D/pl_l"][0].as_py()
+
+
+def test_build_runs_with_the_given_threads_and_restores_the_callers(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, monkeypatch):
+    import mgd_ray.teacher_cache as tc
+
+    during = []
+    real = tc._build_rank
+
+    def spy(*args, **kwargs):
+        during.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "_build_rank", spy)
+    cfg = parse_job_config("student", job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher))
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    build_cache(cfg, tmp_path / "t", pool_sizes=[4], iterations=2, verbose=False, threads=want)
+    assert during == [want]
+    assert torch.get_num_threads() == before

@@ -187,10 +187,12 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD (or AdamW) + poly LR (power 0.9, no warm-up), base LR × world size as the official code scales it."""
     lr = cfg.lr * (env.world_size if cfg.scale_lr_with_world_size else 1)
+    # The fused kernels (CPU and CUDA) compute the same update as the per-tensor loop, within
+    # floating-point tolerance, in one pass over all parameters: ~10x faster for AdamW on CPU.
     if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power)
     return opt, sched
 
@@ -472,9 +474,12 @@ def fit(
         if spec.extra_metrics is not None:
             metrics |= all_reduce_mean(spec.extra_metrics(), env)
         sums, count = {}, 0
-        for label, net in spec.evaluated().items():
+        evaluated = spec.evaluated()
+        confusion: dict[str, ConfusionMatrix] = {}
+        for label, net in evaluated.items():
             prefix = f"val/{label}" if label else "val"
-            metrics |= eval_metrics(evaluate(net, data, env, schedule.eval_batch, data_cfg.eval_window), data.class_names, prefix)
+            confusion[label] = evaluate(net, data, env, schedule.eval_batch, data_cfg.eval_window)
+            metrics |= eval_metrics(confusion[label], data.class_names, prefix)
         if "val/mIoU" not in metrics:  # several networks evaluated (CPS): report the best one's
             metrics["val/mIoU"] = max(v for k, v in metrics.items() if k.startswith("val/") and k.endswith("/mIoU"))
         history.append(metrics)
@@ -495,6 +500,9 @@ def fit(
                 },
             )
             record = segmenter_record(chosen, model_cfg, data, data_cfg.crop_size, role)
-            torch.save(record | {"metrics": metrics}, ckpt_dir / MODEL_FILE)
+            # The exported network's val confusion matrix (all ranks' pixels), for the run's plots.
+            label = next(k for k, net in evaluated.items() if unwrap(net) is unwrap(chosen))
+            record |= {"metrics": metrics, "confusion": confusion[label].matrix.cpu().tolist()}
+            torch.save(record, ckpt_dir / MODEL_FILE)
         report(metrics, ckpt_dir)
     return metrics

@@ -7,6 +7,7 @@ branch by val mIoU becomes the frozen teacher. The same job is the "CPS on the s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,19 @@ class CPSPair(nn.Module):
         return (self.branch1 if branch == 1 else self.branch2)(x)
 
 
+def rampup(step: int, iterations: int, fraction: float) -> float:
+    """Sigmoid ramp-up exp(−5(1 − t)²), t = step / (fraction · iterations) capped at 1 (Laine & Aila, 2017).
+
+    From scratch (no ImageNet weights) both branches' pseudo labels are noise for the first steps,
+    and a full-weight CPS term then teaches each branch the other's noise; the ramp lets the
+    supervised term shape them first. ``fraction = 0`` is the paper's constant weight.
+    """
+    if fraction <= 0:
+        return 1.0
+    t = min(1.0, step / (fraction * iterations))
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 def cps_terms(
     pair: nn.Module, b: Batch, cps_weight: float, ohem: bool = False, over: losses.BatchReduction | None = None
 ) -> dict[str, Tensor]:
@@ -78,6 +92,7 @@ def run_cps_pair(
     report: Reporter,
     checkpoint_root: Path,
     resume: dict[str, Any] | None,
+    cps_rampup: float = 0.0,
 ) -> dict[str, float]:
     env = dist_env()
     data = load_job_data(data_cfg)
@@ -92,7 +107,7 @@ def run_cps_pair(
     spec = FitSpec(
         name=role,
         module=pair,
-        step=lambda b, _: cps_terms(pair, b, cps_weight, ohem, over),
+        step=lambda b, step: cps_terms(pair, b, cps_weight * rampup(step, schedule.iterations, cps_rampup), ohem, over),
         evaluated=lambda: {"branch1": net.branch1, "branch2": net.branch2},
         export=export,
     )
@@ -101,5 +116,6 @@ def run_cps_pair(
 
 def run_teacher(cfg: TeacherJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None) -> dict[str, float]:
     return run_cps_pair(
-        cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.cps_weight, cfg.ohem, "teacher", report, checkpoint_root, resume
+        cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.cps_weight, cfg.ohem, "teacher", report, checkpoint_root, resume,
+        cfg.cps_rampup,
     )

@@ -19,7 +19,7 @@ from mgd_ray.data.builtin import (
 )
 from mgd_ray.data.datasets import DatasetError, folder_samples
 
-SMALL = dict(num_train=6, num_val=3, size=48)
+SMALL = {"num_train": 6, "num_val": 3, "size": 48}
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
