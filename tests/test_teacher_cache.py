@@ -84,9 +84,10 @@ def test_cache_gives_the_same_loss_curve_without_running_teachers(
     live = live_run[0]
 
     def no_teachers(*args, **kwargs):
-        raise AssertionError("a teacher ran although the cache serves every step")
+        raise AssertionError("a teacher was loaded or ran although the cache serves every step")
 
     monkeypatch.setattr(distill, "teacher_signals", no_teachers)
+    monkeypatch.setattr(distill, "load_teachers", no_teachers)  # not even loaded (a trial's start-up time)
     cached = run_job(job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, cache=cache_dir[0]), tmp_path / "cached")
     assert [r["step"] for r in cached] == [r["step"] for r in live] == [2, 4]
     for a, b in zip(live, cached, strict=True):
@@ -98,7 +99,7 @@ def test_cache_gives_the_same_loss_curve_without_running_teachers(
         assert "cache/hit" not in a  # jobs without a cache report no cache metrics
 
 
-def test_partial_cache_serves_its_steps_then_runs_teachers(
+def test_partial_cache_serves_its_steps_then_loads_and_runs_teachers(
     tmp_path, capsys, tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, live_run
 ):
     raw = job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher)

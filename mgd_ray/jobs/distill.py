@@ -154,14 +154,24 @@ def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, 
     env = dist_env()
     torch.manual_seed(cfg.schedule.seed)
     data = load_job_data(cfg.data)
-    teachers = load_teachers(cfg, data.num_classes, env.device)
+    loaded: dict[str, nn.Module] = {}
+
+    def teachers() -> dict[str, nn.Module]:
+        """Loaded at the first step the cache does not serve, so never when it serves them all.
+
+        Built under a forked RNG: the student's initialisation and the data stream do not depend
+        on whether (or when) the teachers were built.
+        """
+        if not loaded:
+            with torch.random.fork_rng(devices=[]):
+                loaded.update(load_teachers(cfg, data.num_classes, env.device))
+        return loaded
+
     student = wrap_model(build_model(cfg.student, data.num_classes), env)
     lc = cfg.losses
     pixel = set(lc.pixel_teachers if lc.pixel_teachers is not None else cfg.teachers)
     pixel_on = lc.pixel_labeled or lc.pixel_unlabeled
     over = global_batch(env)
-    # Teachers stay loaded even when a cache serves: building them draws from the global RNG before
-    # the student is initialised, and the cache may cover fewer steps than the job runs.
     cache, cache_status = None, None
     if cfg.teacher_cache is not None:
         cache, cache_status = open_cache(cfg, data, env, int(resume["step"]) if resume is not None else 0)
@@ -185,7 +195,7 @@ def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, 
                     region=name in lc.region_teachers,
                     batched=cfg.teacher_mode == "eval",
                 )
-                for name, t in teachers.items()
+                for name, t in teachers().items()
             }
         return distill_terms(student, signals, b, cfg, over)
 
