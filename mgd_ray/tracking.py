@@ -147,6 +147,17 @@ class LogitsOnly(nn.Module):
         return self.segmenter(x).logits
 
 
+def served_requirements() -> list[str]:
+    """What loading the served model imports, pinned to this environment's versions.
+
+    Given explicitly, MLflow skips inferring them, which loads the model in a fresh Python
+    process and takes tens of seconds on a small machine; the inferred list was the same packages.
+    """
+    from importlib.metadata import version
+
+    return [f"{dist}=={version(dist)}" for dist in ("mgd-ray", "torch", "torchvision", "numpy", "cloudpickle")]
+
+
 def log_served_model(uri: str, run_id: str, model: nn.Module, size: int, registered_name: str | None, card: str) -> str:
     """Log ``model`` as an MLflow PyTorch model with a signature; register it with a model card.
 
@@ -165,7 +176,8 @@ def log_served_model(uri: str, run_id: str, model: nn.Module, size: int, registe
         # "pickle" keeps dynamic batch and image sizes (MLflow's default "pt2" would fix the example's
         # shape); loading needs mgd_ray installed. The ONNX/TorchScript exports have no such need.
         info = mlflow.pytorch.log_model(
-            served, name="best_student", signature=signature, input_example=example.numpy(), serialization_format="pickle"
+            served, name="best_student", signature=signature, input_example=example.numpy(), serialization_format="pickle",
+            pip_requirements=served_requirements(),
         )
     if registered_name is None:
         return info.model_uri
