@@ -5,8 +5,8 @@ composing them: a Tune function that builds a ``TorchTrainer`` with ``TuneReport
 schedules trials onto the cluster (``max_concurrent``; the Tune function itself reserves no CPU,
 its Train workers do), Optuna proposes the search's configurations, ASHA stops weak ones early,
 and MLflow records it all under one parent run. Tune reuses a stage's trial processes from one
-trial to the next (``reuse_actors``; not under ASHA, which stops trials mid-job), so such a trial
-pays only for starting its own Train job. ``resume=True`` restores each unfinished Tune
+trial to the next (``reuse_actors``) in the teacher, baseline and repeat stages, whose trials have
+fixed keys; a trial there pays only for starting its own Train job. ``resume=True`` restores each unfinished Tune
 experiment and reuses the parent run; finished trials are never run again.
 """
 
@@ -420,9 +420,11 @@ def stage_search(plan: Plan, resume: bool) -> Any:
         plan, "search", resume,
         param_space={"stage": "search", "seed": s.seeds[0]},
         tune_config=ray.tune.TuneConfig(
-            # Tune can reuse a trial's process only once its function has returned; a trial that
-            # ASHA stops is still inside its Train job's fit() then, and Tune fails the stage.
-            reuse_actors=s.scheduler.type == "none",
+            # Not reused in the search: a trial that ASHA stops is still inside its Train job's
+            # fit(), and Tune then fails the stage; and a reused process starts the next trial (and
+            # its MLflow run) so fast that a driver killed right then leaves a run that Tune's
+            # snapshot does not know, and --resume adds a trial beside it.
+            reuse_actors=False,
             metric="val/mIoU",
             mode="max",
             search_alg=make_searcher(s),
