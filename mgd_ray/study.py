@@ -296,6 +296,12 @@ def _tuner(plan: Plan, stage: str, resume: bool, **kwargs: Any) -> ray.tune.Tune
     return ray.tune.Tuner(trainable, run_config=_tune_run_config(plan, stage), **kwargs)
 
 
+def _grid_tune_config(plan: Plan) -> ray.tune.TuneConfig:
+    """The teacher, baseline and repeat stages: a fixed grid of jobs with fixed MLflow keys, so Tune
+    may hand a finished trial's process to the next trial (``reuse_actors``; not in the search)."""
+    return ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent)
+
+
 def _check(results: Any, stage: str) -> None:
     errors = [r for r in results if r.error is not None]
     if errors:
@@ -326,7 +332,7 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
         tuner = _tuner(
             plan, "teachers", resume,
             param_space={"stage": "teachers", "teacher": ray.tune.grid_search(to_train)},
-            tune_config=ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent),
+            tune_config=_grid_tune_config(plan),
         )
         _check(tuner.fit(), "teachers")
         for name in to_train:
@@ -409,7 +415,7 @@ def stage_baselines(plan: Plan, resume: bool) -> None:
             "baseline": ray.tune.grid_search(list(range(len(plan.study.baselines)))),
             "seed": ray.tune.grid_search(list(plan.study.seeds)),
         },
-        tune_config=ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent),
+        tune_config=_grid_tune_config(plan),
     )
     _check(tuner.fit(), "baselines")
 
@@ -446,7 +452,7 @@ def stage_repeats(plan: Plan, best_params: dict[str, Any], resume: bool) -> None
     tuner = _tuner(
         plan, "repeats", resume,
         param_space={"stage": "repeats", "params": best_params, "seed": ray.tune.grid_search(list(extra))},
-        tune_config=ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent),
+        tune_config=_grid_tune_config(plan),
     )
     _check(tuner.fit(), "repeats")
 

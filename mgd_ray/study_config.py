@@ -216,9 +216,10 @@ class Resources(Strict):
 class RayTrainOptions(Strict):
     """How often a Ray Train controller looks at its workers, and whether it watches for preemption.
 
-    A controller notices a finished worker group only at its next health check, so a short job waits
-    up to one interval after its last step; Ray's default (2 s) is nothing for an hour-long job and
-    ~4% of a two-minute one. The preemption watcher is one more actor per job; it matters only on
+    A controller notices a finished worker group only at a health check, so a short job waits after
+    its last step: measured here, a no-op job's ``fit()`` returned 5 s after its last report at
+    Ray's default (2 s), 1 s at 0.2 s; nothing for an hour-long job, a few % of a two-minute one.
+    The preemption watcher is one more actor per job; it matters only on
     clusters with spot/preemptible nodes. Ray reads both from the environment of the process that
     starts a ``TorchTrainer``, which the study sets from these fields.
     """

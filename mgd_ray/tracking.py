@@ -148,10 +148,12 @@ class LogitsOnly(nn.Module):
 
 
 def served_requirements() -> list[str]:
-    """What loading the served model imports, pinned to this environment's versions.
+    """What loading the served model needs, pinned to this environment's versions.
 
-    Given explicitly, MLflow skips inferring them, which loads the model in a fresh Python
-    process and takes tens of seconds on a small machine; the inferred list was the same packages.
+    Given explicitly, MLflow skips inferring them (it loads the model in a fresh Python process to
+    see what gets imported). The inferred list held mgd-ray, torch, numpy and cloudpickle (plus
+    pandas and colorama, which loading does not need); torchvision is added since mgd_ray's
+    backbones import it.
     """
     from importlib.metadata import version
 
