@@ -59,6 +59,18 @@ class Plan:
     teachers: dict[str, Path] = field(default_factory=dict)
     teacher_cache: Path | None = None  # set by stage_cache when the study caches teacher signals
 
+    def in_trial(self, teacher: bool = False) -> bool:
+        """Whether a job runs in its Tune trial's own process (``ray_train.in_trial``; never a teacher)."""
+        return self.study.ray_train.in_trial and not teacher
+
+    def trial_resources(self, teacher: bool = False) -> dict[str, float]:
+        """What a Tune trial reserves: its worker's CPUs/GPUs when the job runs in the trial's
+        process, else nothing but a token (the Train workers reserve; concurrency: max_concurrent)."""
+        if not self.in_trial(teacher):
+            return DRIVER_RESOURCES
+        r = self.study.resources
+        return {"cpu": r.cpus_per_worker} | ({"gpu": r.gpus_per_worker} if r.gpus_per_worker else {})
+
     def scaling(self, teacher: bool = False) -> ScalingConfig:
         r: Resources = (self.study.teacher_resources or self.study.resources) if teacher else self.study.resources
         per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
@@ -192,7 +204,7 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
     """A Tune function trial: create/find its MLflow run, run the Train job, log artifacts, close the run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mgd_ray.train import export_model, make_trainer
+    from mgd_ray.train import export_model, latest_checkpoint, make_trainer
 
     job = trial_job(plan, config)
     client = tracking.client_for(plan.tracking_uri)
@@ -202,7 +214,12 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
         # Finished before the driver died (Tune's snapshot may predate it): report, don't retrain.
         _report_finished(client, run, job)
         return
-    tags = {tracking.STATE_TAG: "running", "mgd_ray.params": json.dumps(job.params, sort_keys=True)}
+    in_trial = plan.in_trial(job.teacher)
+    tags = {
+        tracking.STATE_TAG: "running",
+        "mgd_ray.params": json.dumps(job.params, sort_keys=True),
+        "mgd_ray.ray_train": "in the trial's process (local mode)" if in_trial else "worker group",
+    }
     if isinstance(job.cfg, DistillJobConfig) and job.cfg.teacher_cache is not None:
         from mgd_ray.teacher_cache import check_cache
 
@@ -214,8 +231,13 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
     )
     # Ray Train takes its controller settings from this process's environment (the study's ray_train).
     os.environ.update(plan.study.ray_train.env_vars())
-    # A restarted trial continues its Train run (same name and storage → Ray resumes from its checkpoint).
+    # A restarted trial continues its Train run (same name and storage → Ray resumes from its
+    # checkpoint; in the trial's process, from the checkpoint it reported to Tune).
     train_name = job.key.replace("/", "-")
+    if in_trial:  # as many torch threads as the trial reserved CPUs, as Ray gives a Train worker
+        import torch
+
+        torch.set_num_threads(max(1, int(plan.study.resources.cpus_per_worker)))
     start = time.time()
     trainer = make_trainer(
         job.cfg,
@@ -223,12 +245,15 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
         plan.root / "ray_train",
         train_name,
         max_failures=1,
-        callbacks=[TuneReportCallback()],
+        callbacks=[] if in_trial else [TuneReportCallback()],
         mlflow_run={"uri": plan.tracking_uri, "run_id": run_id},
+        in_trial=job.cfg.output / "checkpoints" if in_trial else None,
     )
     try:
         result = trainer.fit()
-        model_path = export_model(result, job.cfg.output)
+        local = job.cfg.output / "checkpoints"
+        model_path = export_model(result, job.cfg.output, latest_checkpoint(local) if in_trial else None)
+        shutil.rmtree(local, ignore_errors=True)  # Tune keeps its copy of the last checkpoint
         tracking.log_files(client, run_id, [model_path], "checkpoint")
         log_model_artifacts(plan, client, run_id, model_path, job)
     except BaseException as err:
@@ -277,16 +302,21 @@ def log_model_artifacts(plan: Plan, client: Any, run_id: str, model_path: Path, 
 
 # ---------------------------------------------------------------------------- stages
 def _tune_run_config(plan: Plan, stage: str) -> ray.tune.RunConfig:
+    # Jobs in the trial's process: Tune, not Ray Train, retries a failed one (once, from its last
+    # checkpoint, as Ray Train's max_failures=1 does for the others) and keeps its checkpoint.
+    in_trial = plan.in_trial(teacher=stage == "teachers")
     return ray.tune.RunConfig(
         name=stage,
         storage_path=str(plan.root / "tune"),
-        failure_config=ray.tune.FailureConfig(max_failures=0),
+        failure_config=ray.tune.FailureConfig(max_failures=1 if in_trial else 0),
+        checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2) if in_trial else None,
         verbose=1,
     )
 
 
 def _tuner(plan: Plan, stage: str, resume: bool, **kwargs: Any) -> ray.tune.Tuner:
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), DRIVER_RESOURCES)
+    resources = plan.trial_resources(teacher=stage == "teachers")
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), resources)
     path = plan.root / "tune" / stage
     if resume and ray.tune.Tuner.can_restore(str(path)):
         log.info("resuming stage %s from %s", stage, path)
@@ -420,17 +450,42 @@ def stage_baselines(plan: Plan, resume: bool) -> None:
     _check(tuner.fit(), "baselines")
 
 
+def drop_orphan_trial_runs(plan: Plan, known_trial_ids: set[str]) -> list[str]:
+    """Delete the search's unfinished MLflow trial runs whose trial Tune's snapshot does not know.
+
+    A trial creates its run as soon as it starts; a driver killed before Tune's next snapshot
+    leaves a run that the resumed search never continues (it proposes a new trial instead), so the
+    study would show one trial too many. Finished runs are kept: they are results.
+    """
+    client = tracking.client_for(plan.tracking_uri)
+    query = f"tags.`mlflow.parentRunId` = '{plan.parent_run_id}' and tags.`{tracking.KIND_TAG}` = 'trial'"
+    dropped = []
+    for run in client.search_runs([plan.experiment_id], query, max_results=5000):
+        if run.info.status != "FINISHED" and run.data.tags.get("mgd_ray.trial_id") not in known_trial_ids:
+            client.delete_run(run.info.run_id)
+            dropped.append(run.info.run_id)
+    if dropped:
+        log.info("search: deleted %d unfinished trial run(s) unknown to Tune's snapshot: %s", len(dropped), dropped)
+    return dropped
+
+
 def stage_search(plan: Plan, resume: bool) -> Any:
     s = plan.study
+    path = plan.root / "tune" / "search"
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        drop_orphan_trial_runs(plan, {t.trial_id for t in ray.tune.ExperimentAnalysis(str(path)).trials})
+    elif resume:
+        drop_orphan_trial_runs(plan, set())  # the search had not snapshotted yet: it starts afresh
     tuner = _tuner(
         plan, "search", resume,
         param_space={"stage": "search", "seed": s.seeds[0]},
         tune_config=ray.tune.TuneConfig(
-            # Not reused in the search: a trial that ASHA stops is still inside its Train job's
-            # fit(), and Tune then fails the stage; and a reused process starts the next trial (and
-            # its MLflow run) so fast that a driver killed right then leaves a run that Tune's
-            # snapshot does not know, and --resume adds a trial beside it.
-            reuse_actors=False,
+            # A trial that ASHA stops leaves at its next report when the job runs in the trial's
+            # process (Tune reports synchronously), so the process can take the next trial. A
+            # Train worker group's trial is still inside fit() then, and Tune cannot reuse it.
+            # (A reused process starts the next trial's MLflow run before Tune's snapshot records
+            # the trial: ``drop_orphan_trial_runs`` cleans up after a driver killed right then.)
+            reuse_actors=plan.in_trial(),
             metric="val/mIoU",
             mode="max",
             search_alg=make_searcher(s),

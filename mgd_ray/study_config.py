@@ -226,6 +226,14 @@ class RayTrainOptions(Strict):
 
     health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0
     preemption_watcher: bool = True
+    # Run the student jobs (baselines, search, repeats) of a 1-worker study in the Tune trial's own
+    # process: Ray Train's local mode (``ScalingConfig(num_workers=0)``, same ``ray.train`` API), so
+    # a job starts no controller, worker or helper actors (each a new Python process importing torch:
+    # about 20 CPU-seconds per job here, a third of a quickstart trial). The trial then reserves the
+    # worker's CPUs/GPUs itself, reports and checkpoints through Tune (a resumed study continues a
+    # trial from its last evaluation), and Tune retries a failed trial once. Teachers (long jobs)
+    # always run as full Ray Train jobs. Needs ``resources.workers: 1``.
+    in_trial: bool = False
 
     def env_vars(self) -> dict[str, str]:
         return {
@@ -291,6 +299,11 @@ class StudyConfig(Strict):
                 errors.append(f"baselines.{i}.teacher: {b.method} needs a teacher (one of {', '.join(self.teachers)})")
             if b.teacher is not None and b.teacher not in names:
                 errors.append(f"baselines.{i}.teacher: {b.teacher!r} is not defined under teachers")
+        if self.ray_train.in_trial and self.resources.workers != 1:
+            errors.append(
+                f"ray_train.in_trial: runs a job in the trial's own process, which needs resources.workers: 1 "
+                f"(it is {self.resources.workers}); set in_trial: false for DDP jobs"
+            )
         if self.scheduler.type == "asha":
             evals = self.schedule.iterations // self.schedule.eval_every
             if evals < 2:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.tune
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -36,14 +37,22 @@ JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
-    """Rebuild the typed config on the worker, resume from Ray's latest checkpoint, run the job."""
+    """Rebuild the typed config on the worker, resume from Ray's latest checkpoint, run the job.
+
+    In a job that runs in a Tune trial's own process (``in_trial``: Ray Train's local mode), Ray
+    Train neither persists checkpoints nor calls its callbacks, and its ``ray.train`` calls refuse
+    to run inside a Tune function; so the job (one process, rank 0) reports every evaluation and
+    its checkpoint to Tune, resumes from Tune's checkpoint, and keeps only its latest checkpoint
+    under ``checkpoint_root`` for ``latest_checkpoint``.
+    """
     cfg = parse_job_config(payload["kind"], payload["config"])
+    in_trial = bool(payload.get("in_trial"))
     resume = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.tune.get_checkpoint() if in_trial else ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_state(Path(d))
-    rank = ray.train.get_context().get_world_rank()
+    rank = 0 if in_trial else ray.train.get_context().get_world_rank()
     fault = payload.get("fail_once_at_step")
     mlflow_run = payload.get("mlflow")  # {"uri", "run_id"}: rank 0 logs every evaluation to this run
     client = None
@@ -62,9 +71,20 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
             from mgd_ray.tracking import log_metrics
 
             log_metrics(client, mlflow_run["run_id"], metrics, step=int(metrics["step"]))
-        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+        if not in_trial:
+            ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+            ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+            return
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(str(ckpt_dir)))  # Tune copies it
+        for old in ckpt_dir.parent.iterdir():
+            if old != ckpt_dir:
+                shutil.rmtree(old, ignore_errors=True)
 
+    if in_trial:
+        root = Path(payload["checkpoint_root"])
+        shutil.rmtree(root, ignore_errors=True)  # a killed run's leftovers: it resumes from Tune's copy
+        root.mkdir(parents=True)
+        return JOBS[cfg.kind](cfg, report, root, resume)
     root = Path(tempfile.mkdtemp(prefix="mgd_ray_ckpt_"))
     try:
         return JOBS[cfg.kind](cfg, report, root, resume)
@@ -99,9 +119,17 @@ def make_trainer(
     callbacks: list[Any] | None = None,
     mlflow_run: dict[str, str] | None = None,
     fail_once_at_step: int | None = None,
+    in_trial: Path | None = None,
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` of one job; ``cfg`` must already carry absolute paths and its manifest."""
+    """The ``TorchTrainer`` of one job; ``cfg`` must already carry absolute paths and its manifest.
+
+    ``in_trial`` (a checkpoint directory): run the job in this process, a Tune trial's, with Ray
+    Train's local mode (``num_workers=0``) instead of ``scaling``'s worker group.
+    """
     payload: dict[str, Any] = {"kind": cfg.kind, "config": cfg.model_dump(mode="json")}
+    if in_trial is not None:
+        payload |= {"in_trial": True, "checkpoint_root": str(in_trial)}
+        scaling = ScalingConfig(num_workers=0)
     if mlflow_run is not None:
         payload["mlflow"] = mlflow_run
     if fail_once_at_step is not None:
@@ -121,12 +149,23 @@ def make_trainer(
     )
 
 
-def export_model(result: Result, output: Path) -> Path:
-    """Copy the exported network (``model.pt`` of the last checkpoint) to ``output``."""
-    if result.checkpoint is None:
+def latest_checkpoint(root: Path) -> Checkpoint | None:
+    """The last checkpoint a job run in its trial's process left under its ``checkpoint_root``."""
+    steps = sorted(root.glob("step_*")) if root.is_dir() else []
+    return Checkpoint.from_directory(str(steps[-1])) if steps else None
+
+
+def export_model(result: Result, output: Path, checkpoint: Checkpoint | None = None) -> Path:
+    """Copy the exported network (``model.pt`` of the last checkpoint) to ``output``.
+
+    ``checkpoint`` overrides ``result.checkpoint`` (a job run in its trial's process reports its
+    checkpoints to Tune, not to Ray Train: see ``latest_checkpoint``).
+    """
+    checkpoint = checkpoint or result.checkpoint
+    if checkpoint is None:
         raise RuntimeError(f"job finished without a checkpoint; see the logs under {result.path}")
     output.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d:
         shutil.copyfile(Path(d) / MODEL_FILE, output / MODEL_FILE)
     return output / MODEL_FILE
 

@@ -124,10 +124,21 @@ def child_runs(client: MlflowClient, study: str) -> list:
 
 
 def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head has no job agent yet.
+
+    Ray answers "No available agent to submit job, please try again later" (HTTP 500, no job
+    created) until the head node's dashboard agent has registered, which on a loaded 2-core machine
+    can come after `ray start` returns; a user would retry, and so does the test.
+    """
     cmd = [str(BIN / "ray"), "job", "submit", "--address", env["dashboard"], "--working-dir", str(cwd)]
     cmd += ["--submission-id", job_id]
     cmd += [] if wait else ["--no-wait"]
-    return subprocess.run([*cmd, "--", *args], check=False, env=env["env"], capture_output=True, text=True, timeout=900)
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run([*cmd, "--", *args], check=False, env=env["env"], capture_output=True, text=True, timeout=900)
+        if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(5)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +177,7 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
         assert {"checkpoint/model.pt", "plots/confusion_matrix.png", "plots/predictions.png"} <= arts
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
     assert all(float(r.data.params["losses.lambda_1"]) > 0 for r in trials)
+    assert {r.data.tags["mgd_ray.ray_train"] for r in runs if r is not parent} == {"worker group"}
     # The teachers ran once for the whole search: every trial read their signals from the cache.
     assert [r.data.tags["mgd_ray.teacher_cache"] for r in trials] == ["hit", "hit"], [r.data.tags.get("mgd_ray.teacher_cache_reason") for r in trials]
     assert all(r.data.metrics["cache/hit_rate"] == 1.0 for r in trials)
@@ -196,6 +208,8 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     path = study_file(
         env["root"], "study-b", env["uri"], folder="job",
         searcher={"num_samples": 3, "max_concurrent": 2, "seed": 1},
+        # Jobs in their trial's process (Ray Train's local mode): resumed from Tune's checkpoints.
+        ray_train={"in_trial": True},
     )
     job_id = f"study-b-{secrets.token_hex(4)}"
     out = submit(env, ["mgd-ray", "run", path.name], path.parent, wait=False, job_id=job_id)
@@ -226,6 +240,10 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     assert max(keys.values()) == 1, keys
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
     assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert {r.data.tags["mgd_ray.ray_train"] for r in trials} == {"in the trial's process (local mode)"}
+    # ... so Ray Train kept no run of theirs in storage, and Tune kept their checkpoints.
+    assert not list((env["root"] / "runs" / "study-b").glob("*/ray_train/*trial*"))
+    assert len(list((env["root"] / "runs" / "study-b").glob("*/tune/search/*/checkpoint_*"))) >= 3
     after = {r.info.run_id: r.info.end_time for r in runs}
     for run_id, end in finished_before.items():
         assert after[run_id] == end, "a trial that had finished before the kill was run again"
@@ -233,3 +251,35 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     parents = [r for r in client.search_runs([client.get_experiment_by_name("study-b").experiment_id])
                if r.data.tags.get(tracking.KIND_TAG) == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_resume_deletes_only_unfinished_trial_runs_that_tunes_snapshot_does_not_know(tmp_path):
+    from mgd_ray.study import Plan, drop_orphan_trial_runs
+    from mgd_ray.study_config import load_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("orphans")
+    parent = client.create_run(exp, tags={tracking.KIND_TAG: "study"}).info.run_id
+    other_parent = client.create_run(exp, tags={tracking.KIND_TAG: "study"}).info.run_id
+
+    def trial(trial_id: str, status: str, parent_id: str = parent, kind: str = "trial") -> str:
+        tags = {tracking.KIND_TAG: kind, "mgd_ray.trial_id": trial_id, "mlflow.parentRunId": parent_id}
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    known_running = trial("known", "RUNNING")
+    orphan_running = trial("lost1", "RUNNING")
+    orphan_killed = trial("lost2", "KILLED")
+    orphan_finished = trial("lost3", "FINISHED")  # a result: kept
+    other_study = trial("lost4", "RUNNING", parent_id=other_parent)
+    baseline = trial("", "RUNNING", kind="baseline")
+    plan = Plan(load_study(Path(__file__).parents[1] / "studies" / "quickstart.yaml"), tmp_path, uri, exp, parent)
+
+    dropped = drop_orphan_trial_runs(plan, {"known"})
+
+    assert sorted(dropped) == sorted([orphan_running, orphan_killed])
+    alive = {r.info.run_id for r in client.search_runs([exp], max_results=100)}
+    assert alive == {parent, other_parent, known_running, orphan_finished, other_study, baseline}

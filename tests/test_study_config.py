@@ -49,6 +49,10 @@ def test_minimal_study_defaults():
         ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
         ({"name": "a b"}, "name: String should match pattern"),
         ({"schedule": {"iterations": 10, "eval_every": 10}}, "scheduler.type: ASHA needs at least two evaluations per trial"),
+        (
+            {"ray_train": {"in_trial": True}, "resources": {"workers": 2}},
+            "ray_train.in_trial: runs a job in the trial's own process, which needs resources.workers: 1 (it is 2)",
+        ),
     ],
 )
 def test_broken_studies_give_their_yaml_path(patch, expected):
