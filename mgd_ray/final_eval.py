@@ -62,5 +62,32 @@ def example_predictions(
     return images, truths, preds
 
 
+def save_examples(path: Path, models: dict[str, Path], data: JobData, count: int = 4) -> Path:
+    """``example_predictions`` of fixed networks (the teachers), computed once for every run's overlay page.
+
+    One ``.npz`` entry per image and model (val images may differ in size), so a trial loads no
+    teacher to draw them.
+    """
+    images, truths, preds = example_predictions(models, data, count)
+    arrays = {f"image/{i}": im for i, im in enumerate(images)} | {f"truth/{i}": t for i, t in enumerate(truths)}
+    arrays |= {f"pred/{name}/{i}": p for name, maps in preds.items() for i, p in enumerate(maps)}
+    with path.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    return path
+
+
+def load_examples(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """What ``save_examples`` wrote, in ``example_predictions``' form."""
+    with np.load(path) as z:
+        entries = {k: z[k] for k in z.files}
+    count = sum(k.startswith("image/") for k in entries)
+    names = dict.fromkeys(k.split("/")[1] for k in entries if k.startswith("pred/"))
+    return (
+        [entries[f"image/{i}"] for i in range(count)],
+        [entries[f"truth/{i}"] for i in range(count)],
+        {name: [entries[f"pred/{name}/{i}"] for i in range(count)] for name in names},
+    )
+
+
 def job_data(cfg: DataConfig) -> JobData:
     return load_job_data(cfg)

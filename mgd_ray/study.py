@@ -58,21 +58,26 @@ class Plan:
     parent_run_id: str
     teachers: dict[str, Path] = field(default_factory=dict)
     teacher_cache: Path | None = None  # set by stage_cache when the study caches teacher signals
+    teacher_examples: Path | None = None  # the teachers' example predictions (``write_teacher_examples``)
+
+    def resources(self, teacher: bool = False) -> Resources:
+        """A job's resources: the teachers' own (``teacher_resources``) when the study sets them."""
+        return (self.study.teacher_resources or self.study.resources) if teacher else self.study.resources
 
     def in_trial(self, teacher: bool = False) -> bool:
-        """Whether a job runs in its Tune trial's own process (``ray_train.in_trial``; never a teacher)."""
-        return self.study.ray_train.in_trial and not teacher
+        """Whether a job runs in its Tune trial's own process (``ray_train.in_trial``, 1-worker jobs)."""
+        return self.study.ray_train.in_trial and self.resources(teacher).workers == 1
 
     def trial_resources(self, teacher: bool = False) -> dict[str, float]:
         """What a Tune trial reserves: its worker's CPUs/GPUs when the job runs in the trial's
         process, else nothing but a token (the Train workers reserve; concurrency: max_concurrent)."""
         if not self.in_trial(teacher):
             return DRIVER_RESOURCES
-        r = self.study.resources
+        r = self.resources(teacher)
         return {"cpu": r.cpus_per_worker} | ({"gpu": r.gpus_per_worker} if r.gpus_per_worker else {})
 
     def scaling(self, teacher: bool = False) -> ScalingConfig:
-        r: Resources = (self.study.teacher_resources or self.study.resources) if teacher else self.study.resources
+        r = self.resources(teacher)
         per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
         return ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker)
 
@@ -237,7 +242,7 @@ def run_trial(config: dict[str, Any], plan: Plan) -> None:
     if in_trial:  # as many torch threads as the trial reserved CPUs, as Ray gives a Train worker
         import torch
 
-        torch.set_num_threads(max(1, int(plan.study.resources.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(plan.resources(job.teacher).cpus_per_worker)))
     start = time.time()
     trainer = make_trainer(
         job.cfg,
@@ -284,13 +289,14 @@ def log_model_artifacts(plan: Plan, client: Any, run_id: str, model_path: Path, 
     import tempfile
 
     from mgd_ray.data.datasets import voc_palette
-    from mgd_ray.final_eval import example_predictions, job_data, recorded_evaluation
+    from mgd_ray.final_eval import example_predictions, job_data, load_examples, recorded_evaluation
     from mgd_ray.plots import overlay_grid, plot_confusion_matrix
 
     data = job_data(job.cfg.data)
     final = recorded_evaluation(model_path)
-    models = {"model": model_path} | ({} if job.teacher else {n: p for n, p in plan.teachers.items()})
-    images, truths, preds = example_predictions(models, data)
+    images, truths, preds = example_predictions({"model": model_path}, data)
+    if not job.teacher and plan.teacher_examples is not None:
+        preds |= load_examples(plan.teacher_examples)[2]
     with tempfile.TemporaryDirectory() as tmp:
         cm_png = Path(tmp) / "confusion_matrix.png"
         plot_confusion_matrix(final.confusion, final.class_names, cm_png)
@@ -372,6 +378,15 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
             plan.teachers[name] = plan.root / "teachers" / name / "model.pt"
             info[name] = {"source": "pretrained in this study", "run_id": run.info.run_id}
     return info
+
+
+def write_teacher_examples(plan: Plan) -> Path | None:
+    """The teachers' predictions on the example images, once for every trial's overlay page."""
+    from mgd_ray.final_eval import job_data, save_examples
+
+    if not plan.teachers:
+        return None
+    return save_examples(plan.root / "teacher_examples.npz", dict(plan.teachers), job_data(plan.study.data))
 
 
 def _searched_values(param: Any, default: int) -> list[int]:
@@ -565,6 +580,7 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     try:
         state["teachers"] = stage_teachers(plan, resume)
         save_state()
+        plan.teacher_examples = write_teacher_examples(plan)
         state["teacher_cache"] = stage_cache(plan)
         save_state()
         cache_info = {f"teacher_cache.{k}": v for k, v in state["teacher_cache"].items() if k not in ("pool_sizes",)}

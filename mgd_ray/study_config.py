@@ -226,13 +226,14 @@ class RayTrainOptions(Strict):
 
     health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0
     preemption_watcher: bool = True
-    # Run the student jobs (baselines, search, repeats) of a 1-worker study in the Tune trial's own
+    # Run every job (teachers, baselines, search, repeats) of a 1-worker study in the Tune trial's own
     # process: Ray Train's local mode (``ScalingConfig(num_workers=0)``, same ``ray.train`` API), so
     # a job starts no controller, worker or helper actors (each a new Python process importing torch:
     # about 20 CPU-seconds per job here, a third of a quickstart trial). The trial then reserves the
     # worker's CPUs/GPUs itself, reports and checkpoints through Tune (a resumed study continues a
-    # trial from its last evaluation), and Tune retries a failed trial once. Teachers (long jobs)
-    # always run as full Ray Train jobs. Needs ``resources.workers: 1``.
+    # trial from its last evaluation), and Tune retries a failed trial once. Needs
+    # ``resources.workers: 1``; teachers run so too unless ``teacher_resources`` asks for more workers
+    # (measured here: a 1-worker CPS teacher beside another ran ~2x slower as a Train worker group).
     in_trial: bool = False
 
     def env_vars(self) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mgd_ray.config import parse_job_config
-from mgd_ray.final_eval import load_model, recorded_evaluation
+from mgd_ray.final_eval import load_examples, load_model, recorded_evaluation, save_examples
 from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.common import segmenter_record
 from mgd_ray.jobs.cps import run_teacher
@@ -62,3 +62,22 @@ def test_a_record_without_a_confusion_matrix_is_refused_by_name(tiny_job_data, t
     torch.save(segmenter_record(build_segmenter("resnet18", tiny_job_data.num_classes), cfg, tiny_job_data, 32, "student"), path)
     with pytest.raises(ValueError, match=r"old\.pt: no recorded val confusion matrix"):
         recorded_evaluation(path)
+
+
+def test_saved_examples_load_back_as_the_teachers_own_predictions(tiny_job_data, tmp_path):
+    cfg = parse_job_config("baseline", {}).student
+    paths = {}
+    for name, seed in (("T_D", 0), ("T_W", 1)):
+        torch.manual_seed(seed)
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(segmenter_record(build_segmenter("resnet18", tiny_job_data.num_classes), cfg, tiny_job_data, 32, "teacher"), paths[name])
+    saved = save_examples(tmp_path / "examples.npz", paths, tiny_job_data, count=3)
+    images, truths, preds = load_examples(saved)
+    assert len(images) == len(truths) == 3 and list(preds) == ["T_D", "T_W"]
+    for name, path in paths.items():
+        model = load_model(path, tiny_job_data.num_classes, name)
+        for i in range(3):
+            item = tiny_job_data.val[i]
+            np.testing.assert_array_equal(truths[i], item["label"].numpy())
+            with torch.no_grad():
+                np.testing.assert_array_equal(preds[name][i], model(item["image"][None]).logits.argmax(1)[0].numpy())

@@ -283,3 +283,24 @@ def test_resume_deletes_only_unfinished_trial_runs_that_tunes_snapshot_does_not_
     assert sorted(dropped) == sorted([orphan_running, orphan_killed])
     alive = {r.info.run_id for r in client.search_runs([exp], max_results=100)}
     assert alive == {parent, other_parent, known_running, orphan_finished, other_study, baseline}
+
+
+@pytest.mark.parametrize("teacher_resources,teacher_in_trial,teacher_reserves,teacher_workers", [
+    (None, True, {"cpu": 1.0}, 1),  # the students' one worker: in the trial's process, which reserves it
+    ({"workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 0.5}, True, {"cpu": 2.0, "gpu": 0.5}, 1),
+    ({"workers": 2, "cpus_per_worker": 2}, False, {"cpu": 0, "memory": 2**20}, 2),  # DDP: a Train worker group
+])
+def test_one_worker_teachers_run_in_their_trials_process_and_reserve_their_own_resources(
+    tmp_path, teacher_resources, teacher_in_trial, teacher_reserves, teacher_workers
+):
+    from mgd_ray.study import Plan
+    from mgd_ray.study_config import Resources, load_study
+
+    study = load_study(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
+    assert study.ray_train.in_trial and study.resources.workers == 1
+    tr = None if teacher_resources is None else Resources.model_validate(teacher_resources)
+    plan = Plan(study.model_copy(update={"teacher_resources": tr}), tmp_path, "", "", "")
+    assert plan.in_trial(teacher=True) is teacher_in_trial
+    assert plan.trial_resources(teacher=True) == teacher_reserves
+    assert plan.scaling(teacher=True).num_workers == teacher_workers
+    assert plan.in_trial() and plan.trial_resources() == {"cpu": 1.0}  # the students are unaffected

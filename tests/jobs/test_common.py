@@ -5,7 +5,7 @@ import torch
 
 from mgd_ray.config import OptimConfig
 from mgd_ray.distributed import DistEnv
-from mgd_ray.jobs.common import make_optimizer
+from mgd_ray.jobs.common import SeededView, derive_seed, make_optimizer
 
 
 @pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
@@ -60,3 +60,25 @@ def test_fused_optimizer_follows_the_per_tensor_update(name, kwargs):
     for a, b, s in zip(fused, plain, start, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
         assert (a.detach() - s).abs().max() > 0.05  # the parameters really moved
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """Each item is three draws from the global CPU generator, as a random augmentation makes."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(3)
+
+
+def test_seeded_view_items_are_a_function_of_seed_epoch_and_index():
+    view = SeededView(_RandomItems(), seed=7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    item = view[(2, 4)]
+    # The caller's stream is untouched, and the item is what that seed draws (independent reference).
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(item, torch.rand(3, generator=torch.Generator().manual_seed(derive_seed(7, 2, 4))))
+    assert torch.equal(view[(2, 4)], item)
+    assert not torch.equal(view[(3, 4)], item) and not torch.equal(view[(2, 3)], item)
