@@ -286,15 +286,16 @@ def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, s
 def _prediction_page(plan: Any, best: dict[str, Any], rows: list[dict[str, Any]], data: Any, out: Path) -> Path:
     """image | ground truth | best student | Sup-only | teachers, on the first val images."""
     from mgd_ray.data.datasets import voc_palette
-    from mgd_ray.final_eval import example_predictions
+    from mgd_ray.final_eval import example_predictions, load_examples
     from mgd_ray.plots import overlay_grid
 
     models = {"best MGD student": tracking.download_checkpoint(plan.tracking_uri, best["run_id"], out / "_models" / "best")}
     sup = [r for r in rows if r["kind"] == "baseline" and r["baseline"] == "supervised" and r["state"] == "finished"]
     if sup:
         models["Sup-only"] = tracking.download_checkpoint(plan.tracking_uri, sup[0]["run_id"], out / "_models" / "sup")
-    models |= {f"teacher {n}": p for n, p in plan.teachers.items()}
     images, truths, preds = example_predictions(models, data)
+    if plan.teacher_examples is not None:  # the teachers' columns, drawn once per study (study.write_teacher_examples)
+        preds |= {f"teacher {n}": maps for n, maps in load_examples(plan.teacher_examples)[2].items()}
     page = overlay_grid({"ground truth": truths} | preds, images, voc_palette(256), out / "predictions.png")
     shutil.rmtree(out / "_models", ignore_errors=True)
     return page
