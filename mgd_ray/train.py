@@ -84,6 +84,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
         root = Path(payload["checkpoint_root"])
         shutil.rmtree(root, ignore_errors=True)  # a killed run's leftovers: it resumes from Tune's copy
         root.mkdir(parents=True)
+        if checkpoint is not None and resume is not None:
+            # Tune's copy stays this job's latest checkpoint until the job saves a newer one: a trial
+            # killed after its last step (while logging artifacts) resumes with nothing left to train.
+            checkpoint.to_directory(str(root / f"step_{int(resume['step']):08d}"))
         return JOBS[cfg.kind](cfg, report, root, resume)
     root = Path(tempfile.mkdtemp(prefix="mgd_ray_ckpt_"))
     try:

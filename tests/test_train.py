@@ -1,6 +1,7 @@
 """Ray Train jobs on a local Ray: DDP equivalence, fault-tolerant resume, every job kind."""
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -138,3 +139,37 @@ def test_every_job_kind_runs_and_reports_miou(local_ray, tiny_data_cfg, teacher_
     assert out.metrics["step"] == 2
     assert 0.0 <= out.metrics["val/mIoU"] <= 1.0
     assert out.model_path.is_file()
+
+
+def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(local_ray, tiny_data_cfg, tiny_schedule, tmp_path):
+    """A trial killed after its job's last step (while logging artifacts) restarts from Tune's last
+    checkpoint with nothing left to train: its model must still come from that checkpoint."""
+    from mgd_ray.train import export_model, latest_checkpoint, make_trainer
+
+    cfg = parse_job_config(
+        "baseline",
+        {"method": "supervised", "data": tiny_data_cfg, "schedule": {**tiny_schedule, "iterations": 2, "eval_every": 2},
+         "output": str(tmp_path / "out")},
+    )
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": prepare_manifest(cfg.data)})})
+    local = cfg.output / "checkpoints"
+    marker = tmp_path / "killed"
+
+    def trial(config: dict) -> None:
+        trainer = make_trainer(cfg, scaling(1), tmp_path / "ray_train", "job", in_trial=local)
+        result = trainer.fit()
+        model = export_model(result, cfg.output, latest_checkpoint(local))
+        shutil.rmtree(local)  # as run_trial does before logging the trial's artifacts
+        if not marker.exists():  # killed here once, on its first attempt
+            marker.touch()
+            raise RuntimeError("killed while logging artifacts")
+        (tmp_path / "exported").write_text(str(model))
+
+    tuner = ray.tune.Tuner(
+        trial,
+        run_config=ray.tune.RunConfig(storage_path=str(tmp_path / "tune"), name="t", failure_config=ray.tune.FailureConfig(max_failures=1)),
+    )
+    results = tuner.fit()
+    assert marker.exists() and not results.errors
+    assert [r["step"] for r in results[0].metrics_dataframe.to_dict("records")] == [2]  # trained once, not again
+    assert Path((tmp_path / "exported").read_text()).is_file()
