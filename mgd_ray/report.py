@@ -203,13 +203,12 @@ def write_report(plan: Any, state: dict[str, Any]) -> Path:
         pictures.append(page)
         lines += ["## Predictions on fixed val images", "", f"![{page.stem}]({page.name})", ""]
         uri = _log_best(plan, best, sp, sg, data.num_classes)
-        lines += [
-            (
-                f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`), with its ONNX "
-                "export beside it (`best_student_onnx/best_student.onnx`)."
-            ),
-            "",
-        ]
+        onnx = (
+            "with its ONNX export beside it (`best_student_onnx/best_student.onnx`)"
+            if study.report.onnx
+            else f"export it with `mgd-ray export {uri} --format onnx --out best_student.onnx --tracking-uri {plan.tracking_uri}`"
+        )
+        lines += [f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`); {onnx}.", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     tracking.log_files(client, plan.parent_run_id, [report, *pictures], "report")
@@ -309,10 +308,11 @@ def _log_best(plan: Any, best: dict[str, Any], params_m: float, gflops: float, n
         ckpt = tracking.download_checkpoint(plan.tracking_uri, best["run_id"], Path(tmp))
         model = load_model(ckpt, num_classes, "best student")
         tracking.log_files(client, plan.parent_run_id, [ckpt], "best_student_checkpoint")
-        from mgd_ray.export import export_onnx
+        if plan.study.report.onnx:
+            from mgd_ray.export import export_onnx
 
-        onnx_file = export_onnx(ckpt, Path(tmp) / "best_student.onnx")
-        tracking.log_files(client, plan.parent_run_id, [onnx_file], "best_student_onnx")
+            onnx_file = export_onnx(ckpt, Path(tmp) / "best_student.onnx")
+            tracking.log_files(client, plan.parent_run_id, [onnx_file], "best_student_onnx")
     s = plan.study
     card = (
         f"MGD student {s.student.backbone} distilled from {', '.join(f'{n}={t.model.backbone}' for n, t in s.teachers.items())}\n"

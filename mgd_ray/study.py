@@ -1,5 +1,8 @@
 """Run a study: teachers (once, reused through MLflow) → baselines → Optuna search → seed repeats → report.
 
+Stages overlap where nothing depends on them: baselines that need no teacher queue behind the
+teachers in their Tune stage, and the teacher-signal cache builds while the other baselines run.
+
 Every stage is a Ray Tune experiment whose trials each drive one Ray Train job (the Train V2 way of
 composing them: a Tune function that builds a ``TorchTrainer`` with ``TuneReportCallback``). Tune
 schedules trials onto the cluster (``max_concurrent``; the Tune function itself reserves no CPU,
@@ -18,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +180,7 @@ class TrialJob:
 
 
 def trial_job(plan: Plan, config: dict[str, Any]) -> TrialJob:
+    config = config | config.get("job", {})  # one grid of mixed jobs (``stage_teachers``)
     stage = config["stage"]
     study = plan.study.name
     base = {tracking.STUDY_TAG: study, "mgd_ray.stage": stage}
@@ -365,9 +370,14 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
             continue
         to_train.append(name)
     if to_train:
+        jobs: list[dict[str, Any]] = [{"stage": "teachers", "teacher": name} for name in to_train]
+        if plan.trial_resources(teacher=True) == plan.trial_resources() and plan.in_trial(teacher=True) == plan.in_trial():
+            # Baselines that need no teacher queue behind the teachers, on the slots the faster
+            # teacher frees while the slower one finishes (same trial shape, so one Tune stage).
+            jobs += [{"stage": "baselines", "baseline": i, "seed": seed} for i, seed in _baseline_jobs(plan, teacher_free=True)]
         tuner = _tuner(
             plan, "teachers", resume,
-            param_space={"stage": "teachers", "teacher": ray.tune.grid_search(to_train)},
+            param_space={"stage": "teachers", "job": ray.tune.grid_search(jobs)},
             tune_config=_grid_tune_config(plan),
         )
         _check(tuner.fit(), "teachers")
@@ -397,30 +407,33 @@ def _searched_values(param: Any, default: int) -> list[int]:
     return sorted({default, *values})
 
 
-def _cache_cpus(plan: Plan) -> float:
-    """CPUs for the cache build: on CPU, all the search's concurrent trials will hold (nothing else
-    runs meanwhile), capped by the largest node's; on GPU, one worker's (the GPU does the work)."""
+def _cache_cpus(plan: Plan, leave_cpus: float = 0.0) -> float:
+    """CPUs for the cache build: on CPU, all the search's concurrent trials will hold, less the
+    ``leave_cpus`` that jobs running beside the build need, capped by the largest node's (at least
+    one worker's); on GPU, one worker's (the GPU does the work)."""
     r = plan.study.resources
     if r.gpus_per_worker:
         return r.cpus_per_worker
     wanted = plan.study.searcher.max_concurrent * r.workers * r.cpus_per_worker
     largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=r.cpus_per_worker)
-    return max(r.cpus_per_worker, min(wanted, largest))
+    return max(r.cpus_per_worker, min(wanted, largest - leave_cpus))
 
 
-def stage_cache(plan: Plan) -> dict[str, Any]:
+def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, Any]]:
     """Run the teachers once over the search's batch stream, for every trial to read (issue: cost).
 
     Built for the first seed (the search's) with every H_v and iteration count the search can pick,
     and every teacher's every signal when the search varies which teacher feeds which term. A cache
     that already serves the study (a resumed or repeated study) is kept. One Ray task builds the
-    ranks of a ``resources.workers``-worker trial in turn (CPUs: ``_cache_cpus``).
+    ranks of a ``resources.workers``-worker trial in turn (CPUs: ``_cache_cpus``). The build starts
+    here and this returns the function that waits for it, so the baselines run meanwhile on the
+    ``leave_cpus`` it leaves free.
     """
     from mgd_ray.teacher_cache import build_cache, check_cache
 
     s = plan.study
     if not s.distill.teacher_cache or not plan.teachers:
-        return {"used": False}
+        return lambda: {"used": False}
     directory = plan.root / "teacher_cache"
     search = s.search
     varied = any(getattr(search, k) is not None for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level"))
@@ -435,31 +448,46 @@ def stage_cache(plan: Plan) -> dict[str, Any]:
     status, _ = check_cache(base.model_copy(update={"schedule": base.schedule.model_copy(update={"iterations": iterations})}), world_size=r.workers)
     if status.hit and status.steps >= iterations:
         log.info("teacher cache: reusing %s", directory)
-        return {"used": True, "directory": str(directory), "reused": True}
-    cpus = _cache_cpus(plan)
+        return lambda: {"used": True, "directory": str(directory), "reused": True}
+    cpus = _cache_cpus(plan, leave_cpus)
     build = ray.remote(num_cpus=cpus, num_gpus=r.gpus_per_worker)(build_cache)
-    summary = ray.get(
-        build.remote(
-            base, directory, pool_sizes=pool_sizes, iterations=iterations, world_size=r.workers,
-            signals="all" if varied else "job", device="cuda" if r.gpus_per_worker else "cpu",
-            threads=max(1, int(cpus)),
-        )
+    pending = build.remote(
+        base, directory, pool_sizes=pool_sizes, iterations=iterations, world_size=r.workers,
+        signals="all" if varied else "job", device="cuda" if r.gpus_per_worker else "cpu",
+        threads=max(1, int(cpus)),
     )
-    return {"used": True, "directory": str(directory), "reused": False, "pool_sizes": pool_sizes, "iterations": iterations} | {
-        k: summary[k] for k in ("bytes", "bytes_per_epoch", "bytes_per_training_image", "seconds") if k in summary
-    }
+
+    def wait() -> dict[str, Any]:
+        summary = ray.get(pending)
+        return {"used": True, "directory": str(directory), "reused": False, "pool_sizes": pool_sizes, "iterations": iterations} | {
+            k: summary[k] for k in ("bytes", "bytes_per_epoch", "bytes_per_training_image", "seconds") if k in summary
+        }
+
+    return wait
 
 
-def stage_baselines(plan: Plan, resume: bool) -> None:
-    if not plan.study.baselines:
+def _baseline_jobs(plan: Plan, teacher_free: bool = False) -> list[tuple[int, int]]:
+    """(baseline index, seed) of every baseline run the study still needs: those without a finished
+    MLflow run (some may have run with the teachers), only those that need no teacher if asked."""
+    client = tracking.client_for(plan.tracking_uri)
+    jobs = []
+    for i, spec in enumerate(plan.study.baselines):
+        if teacher_free and spec.teacher is not None:
+            continue
+        for seed in plan.study.seeds:
+            run = tracking.find_run(client, [plan.experiment_id], f"{plan.parent_run_id}/baseline/{spec.name}/{seed}")
+            if run is None or run.info.status != "FINISHED" or run.data.tags.get(tracking.STATE_TAG) != "finished":
+                jobs.append((i, seed))
+    return jobs
+
+
+def stage_baselines(plan: Plan, resume: bool, jobs: list[tuple[int, int]]) -> None:
+    """The baselines ``jobs`` (``_baseline_jobs``), on the CPUs the cache build leaves."""
+    if not jobs:
         return
     tuner = _tuner(
         plan, "baselines", resume,
-        param_space={
-            "stage": "baselines",
-            "baseline": ray.tune.grid_search(list(range(len(plan.study.baselines)))),
-            "seed": ray.tune.grid_search(list(plan.study.seeds)),
-        },
+        param_space={"stage": "baselines", "job": ray.tune.grid_search([{"baseline": i, "seed": seed} for i, seed in jobs])},
         tune_config=_grid_tune_config(plan),
     )
     _check(tuner.fit(), "baselines")
@@ -581,14 +609,18 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
         state["teachers"] = stage_teachers(plan, resume)
         save_state()
         plan.teacher_examples = write_teacher_examples(plan)
-        state["teacher_cache"] = stage_cache(plan)
+        baselines = [] if state["stages"].get("baselines") else _baseline_jobs(plan)
+        r = study.resources
+        beside = min(len(baselines), study.searcher.max_concurrent) * r.workers * r.cpus_per_worker
+        wait_for_cache = stage_cache(plan, leave_cpus=beside)  # builds while the baselines run
+        if not state["stages"].get("baselines"):
+            stage_baselines(plan, resume, baselines)
+            state["stages"]["baselines"] = True
+            save_state()
+        state["teacher_cache"] = wait_for_cache()
         save_state()
         cache_info = {f"teacher_cache.{k}": v for k, v in state["teacher_cache"].items() if k not in ("pool_sizes",)}
         tracking.set_tags(client, parent_id, {k: str(v) for k, v in cache_info.items()})
-        if not state["stages"].get("baselines"):
-            stage_baselines(plan, resume)
-            state["stages"]["baselines"] = True
-            save_state()
         if not state["stages"].get("search"):
             stage_search(plan, resume)
             state["stages"]["search"] = True

@@ -162,6 +162,10 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     parent = parents[0]
     kinds = Counter(r.data.tags.get(tracking.KIND_TAG) for r in runs if r is not parent)
     assert kinds == {"teacher": 1, "baseline": 1, "trial": 2}
+    # Sup-only needs no teacher: it ran in the teachers' Tune stage, beside the teacher, not after it.
+    teacher = next(r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "teacher")
+    baseline = next(r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "baseline")
+    assert baseline.info.start_time < teacher.info.end_time
     for run in runs:
         if run is parent:
             continue
@@ -210,6 +214,7 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
         searcher={"num_samples": 3, "max_concurrent": 2, "seed": 1},
         # Jobs in their trial's process (Ray Train's local mode): resumed from Tune's checkpoints.
         ray_train={"in_trial": True},
+        report={"onnx": False},
     )
     job_id = f"study-b-{secrets.token_hex(4)}"
     out = submit(env, ["mgd-ray", "run", path.name], path.parent, wait=False, job_id=job_id)
@@ -251,6 +256,11 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     parents = [r for r in client.search_runs([client.get_experiment_by_name("study-b").experiment_id])
                if r.data.tags.get(tracking.KIND_TAG) == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # report.onnx off: no export logged, and the report says how to make one from the registered model.
+    assert not client.list_artifacts(parents[0].info.run_id, "best_student_onnx")
+    (env["root"] / "report-b").mkdir()
+    text = Path(client.download_artifacts(parents[0].info.run_id, "report/report.md", str(env["root"] / "report-b"))).read_text()
+    assert "export it with `mgd-ray export models:/study-b-student/1 --format onnx" in text
 
 
 def test_resume_deletes_only_unfinished_trial_runs_that_tunes_snapshot_does_not_know(tmp_path):
@@ -304,3 +314,44 @@ def test_one_worker_teachers_run_in_their_trials_process_and_reserve_their_own_r
     assert plan.trial_resources(teacher=True) == teacher_reserves
     assert plan.scaling(teacher=True).num_workers == teacher_workers
     assert plan.in_trial() and plan.trial_resources() == {"cpu": 1.0}  # the students are unaffected
+
+
+def test_baseline_jobs_are_those_without_a_finished_run(tmp_path):
+    from mgd_ray.study import Plan, _baseline_jobs
+    from mgd_ray.study_config import load_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("baselines")
+    parent = client.create_run(exp, tags={tracking.KIND_TAG: "study"}).info.run_id
+    study = load_study(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
+    study = study.model_copy(update={"seeds": (0, 1)})  # baselines: 0 supervised, 1 kd[T_D]
+    plan = Plan(study, tmp_path, uri, exp, parent)
+
+    def run(key: str, status: str, state: str) -> None:
+        run_id = client.create_run(exp, tags={tracking.KEY_TAG: f"{parent}/baseline/{key}", tracking.STATE_TAG: state}).info.run_id
+        client.set_terminated(run_id, status)
+
+    run("supervised/0", "FINISHED", "finished")  # done: not run again
+    run("supervised/1", "KILLED", "interrupted")  # interrupted: runs again
+    run("kd[T_D]/0", "FINISHED", "finished")
+    assert _baseline_jobs(plan) == [(0, 1), (1, 1)]
+    assert _baseline_jobs(plan, teacher_free=True) == [(0, 1)]  # kd needs T_D: not beside the teachers
+
+
+@pytest.mark.parametrize("leave,gpus,expected", [
+    (0.0, 0.0, 2.0),  # alone: both trial slots' CPUs of the 2-CPU node
+    (1.0, 0.0, 1.0),  # one baseline beside it: the other CPU
+    (2.0, 0.0, 1.0),  # baselines wanting every CPU: still one worker's (a baseline waits)
+    (1.0, 0.5, 1.0),  # on GPU: one worker's CPUs
+])
+def test_cache_build_leaves_the_cpus_of_the_baselines_beside_it(tmp_path, monkeypatch, leave, gpus, expected):
+    import ray
+
+    from mgd_ray.study import Plan, _cache_cpus
+    from mgd_ray.study_config import load_study
+
+    study = load_study(Path(__file__).parents[1] / "studies" / "quickstart.yaml")  # max_concurrent 2, 1 CPU per trial
+    study = study.model_copy(update={"resources": study.resources.model_copy(update={"gpus_per_worker": gpus})})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}])
+    assert _cache_cpus(Plan(study, tmp_path, "sqlite://", "0", "p"), leave) == expected
