@@ -355,3 +355,21 @@ def test_cache_build_leaves_the_cpus_of_the_baselines_beside_it(tmp_path, monkey
     study = study.model_copy(update={"resources": study.resources.model_copy(update={"gpus_per_worker": gpus})})
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}])
     assert _cache_cpus(Plan(study, tmp_path, "sqlite://", "0", "p"), leave) == expected
+
+
+def test_a_trial_runs_with_the_processs_earlier_objects_frozen_out_of_the_gc(monkeypatch):
+    import gc
+
+    from mgd_ray import study as study_mod
+
+    seen = {}
+
+    def body(config, plan):
+        seen["frozen"] = gc.get_freeze_count()  # objects moved to the permanent generation
+        raise RuntimeError("the job failed")
+
+    monkeypatch.setattr(study_mod, "_run_trial", body)
+    with pytest.raises(RuntimeError, match="the job failed"):
+        study_mod.run_trial({}, None)
+    assert seen["frozen"] > 1000  # the process's modules, classes and functions at least
+    assert gc.get_freeze_count() == 0  # unfrozen again, even after a failure
