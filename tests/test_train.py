@@ -171,5 +171,7 @@ def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(local_r
     )
     results = tuner.fit()
     assert marker.exists() and not results.errors
-    assert [r["step"] for r in results[0].metrics_dataframe.to_dict("records")] == [2]  # trained once, not again
+    # Trained once, not again: one report in all (Tune's progress files may be rewritten on the
+    # retry, so the count comes from the trial's last result rather than its metrics dataframe).
+    assert results[0].metrics["training_iteration"] == 1 and results[0].metrics["step"] == 2
     assert Path((tmp_path / "exported").read_text()).is_file()
