@@ -62,7 +62,21 @@ def main() -> int:
         span = (max(e for _, e, _, _ in items) - min(s for s, _, _, _ in items)) / 1000
         print(f"{stage:10s} {span:8.1f} {len(items):5d} {sum(s for _, _, s, _ in items):12.1f}")
     print(f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {next(work.glob('mgd_ray_runs/*/*/report/report.md'), None)}")
+    print("\ndisk left in the working directory (MiB):")
+    sizes = {p.name: disk_bytes(p) for p in sorted(work.iterdir())}
+    for name, size in sizes.items():
+        print(f"  {name:24s} {size / 2**20:10.1f}")
+    for sub in sorted(work.glob("mgd_ray_runs/*/*/tune/*")):  # per Tune stage: the trials' checkpoints
+        print(f"  {str(sub.relative_to(work)):60s} {disk_bytes(sub) / 2**20:10.1f}")
+    print(f"  {'total':24s} {sum(sizes.values()) / 2**20:10.1f}")
     return 0
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (links not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 if __name__ == "__main__":

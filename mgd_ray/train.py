@@ -147,7 +147,7 @@ def make_trainer(
             name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],
         ),
     )

@@ -246,9 +246,13 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
     assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
     assert {r.data.tags["mgd_ray.ray_train"] for r in trials} == {"in the trial's process (local mode)"}
-    # ... so Ray Train kept no run of theirs in storage, and Tune kept their checkpoints.
-    assert not list((env["root"] / "runs" / "study-b").glob("*/ray_train/*trial*"))
-    assert len(list((env["root"] / "runs" / "study-b").glob("*/tune/search/*/checkpoint_*"))) >= 3
+    # ... so Ray Train kept no run of theirs in storage; Tune kept their checkpoints (the resumed
+    # trial continued from one) until each stage ended, and then no trial needed them.
+    root_b = env["root"] / "runs" / "study-b"
+    assert not list(root_b.glob("*/ray_train/*trial*"))
+    assert list(root_b.glob("*/tune/search/*/params.json")) and not list(root_b.glob("*/tune/*/*/checkpoint_*"))
+    assert not list(root_b.glob("*/*/*/checkpoints"))  # nor any job's own checkpoint folder
+    assert len(list(root_b.glob("*/trials/*/model.pt"))) == 3  # the exported models stay
     after = {r.info.run_id: r.info.end_time for r in runs}
     for run_id, end in finished_before.items():
         assert after[run_id] == end, "a trial that had finished before the kill was run again"
@@ -373,3 +377,57 @@ def test_a_trial_runs_with_the_processs_earlier_objects_frozen_out_of_the_gc(mon
         study_mod.run_trial({}, None)
     assert seen["frozen"] > 1000  # the process's modules, classes and functions at least
     assert gc.get_freeze_count() == 0  # unfrozen again, even after a failure
+
+
+def test_ended_trials_tune_checkpoints_are_dropped_and_failed_ones_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from mgd_ray.study import drop_checkpoints
+
+    def trial(name: str, sizes: list[int]) -> Path:
+        d = tmp_path / name
+        for i, size in enumerate(sizes):
+            (d / f"checkpoint_{i:06d}").mkdir(parents=True)
+            (d / f"checkpoint_{i:06d}" / "state.pt").write_bytes(b"x" * size)
+        (d / "result.json").write_text("{}")
+        return d
+
+    done, stopped, failed = trial("done", [100, 20]), trial("stopped", [7]), trial("failed", [50])
+    results = [SimpleNamespace(path=str(done), error=None), SimpleNamespace(path=str(stopped), error=None),
+               SimpleNamespace(path=str(failed), error=RuntimeError("x")), SimpleNamespace(path=None, error=None)]
+    assert drop_checkpoints(results, "search") == 127
+    assert not list(done.glob("checkpoint_*")) and not list(stopped.glob("checkpoint_*"))
+    assert (done / "result.json").is_file()  # the trial's results stay
+    assert (failed / "checkpoint_000000" / "state.pt").stat().st_size == 50  # a failed trial may be resumed
+
+
+def test_a_stopped_or_failed_trial_leaves_no_checkpoint_folder_of_its_job(tmp_path, monkeypatch):
+    """ASHA's stop reaches the trial as an exception out of the job: its own checkpoint folder (a
+    full resume state) is deleted, as a retry resumes from Tune's copy and a stopped trial never does."""
+    from mgd_ray import train
+    from mgd_ray.study import Plan, _run_trial
+    from mgd_ray.study_config import load_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("stopped")
+    parent = client.create_run(exp, tags={tracking.KIND_TAG: "study"}).info.run_id
+    plan = Plan(load_study(Path(__file__).parents[1] / "studies" / "quickstart.yaml"), tmp_path, uri, exp, parent)
+    made = []
+
+    class Stopped:
+        def __init__(self, cfg, scaling, storage, name, **kwargs):
+            self.local = kwargs["in_trial"]
+            made.append(self.local)
+
+        def fit(self):
+            (self.local / "step_00000050").mkdir(parents=True)
+            (self.local / "step_00000050" / "state.pt").write_bytes(b"resume state")
+            raise KeyboardInterrupt("stopped by the scheduler")
+
+    monkeypatch.setattr(train, "make_trainer", Stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _run_trial({"stage": "baselines", "job": {"baseline": 0, "seed": 0}}, plan)
+    assert made and made[0].parent.parent == tmp_path / "baselines" and not made[0].exists()
+    run = client.search_runs([exp], f"tags.`{tracking.KIND_TAG}` = 'baseline'")[0]
+    assert run.info.status == "KILLED" and run.data.tags[tracking.STATE_TAG] == "interrupted"

@@ -439,6 +439,8 @@ def fit(
     restart at the saved step, so it continues exactly the schedule of the interrupted run.
     """
     model = spec.module
+    if resume is not None and resume.get("final"):  # killed after its last step: nothing left to train
+        return dict(resume["history"][-1]) if resume["history"] else {}
     opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], optim, schedule.iterations, env)
     start = 0
     if resume is not None:
@@ -490,18 +492,24 @@ def fit(
         if env.is_main:
             chosen, model_cfg, role = spec.export(metrics)
             ckpt_dir = checkpoint_root / f"step_{step:08d}"
-            save_state(
-                ckpt_dir,
-                {
-                    "step": step,
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": rng_state(),
-                    "extra": spec.extra_state() if spec.extra_state is not None else {},
-                    "history": history,
-                },
-            )
+            if step == schedule.iterations:
+                # The last checkpoint resumes nothing: model.pt (below) and the history are all a
+                # restarted job needs, and the model + optimiser state would be most of its disk
+                # (a CPS teacher's two branches with AdamW's moments: ~6x the exported network).
+                save_state(ckpt_dir, {"step": step, "final": True, "history": history})
+            else:
+                save_state(
+                    ckpt_dir,
+                    {
+                        "step": step,
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "rng": rng_state(),
+                        "extra": spec.extra_state() if spec.extra_state is not None else {},
+                        "history": history,
+                    },
+                )
             record = segmenter_record(chosen, model_cfg, data, data_cfg.crop_size, role)
             # The exported network's val confusion matrix (all ranks' pixels), for the run's plots.
             label = next(k for k, net in evaluated.items() if unwrap(net) is unwrap(chosen))

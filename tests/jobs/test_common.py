@@ -1,9 +1,11 @@
-"""The optimiser and LR schedule every job shares."""
+"""The optimiser, LR schedule, data streams and checkpoints every job shares."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from mgd_ray.config import OptimConfig
+from mgd_ray.config import OptimConfig, parse_job_config
 from mgd_ray.distributed import DistEnv
 from mgd_ray.jobs.common import SeededView, derive_seed, make_optimizer
 
@@ -82,3 +84,23 @@ def test_seeded_view_items_are_a_function_of_seed_epoch_and_index():
     assert torch.equal(item, torch.rand(3, generator=torch.Generator().manual_seed(derive_seed(7, 2, 4))))
     assert torch.equal(view[(2, 4)], item)
     assert not torch.equal(view[(3, 4)], item) and not torch.equal(view[(2, 3)], item)
+
+
+def test_last_checkpoint_keeps_model_and_history_only_and_resumes_with_nothing_to_train(tiny_data_cfg, tiny_schedule, tmp_path):
+    from mgd_ray.jobs.baselines import run_baseline
+    from mgd_ray.jobs.common import MODEL_FILE, STATE_FILE, load_state
+
+    cfg = parse_job_config("baseline", {"method": "supervised", "data": tiny_data_cfg, "schedule": tiny_schedule})
+    reports: list[tuple[dict, Path]] = []
+    last = run_baseline(cfg, lambda m, c: reports.append((m, c)), tmp_path)
+    assert [m["step"] for m, _ in reports] == [2, 4]
+    mid, end = (torch.load(c / STATE_FILE, weights_only=True) for _, c in reports)
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(mid)  # an intermediate one resumes training
+    assert set(end) == {"step", "final"} and end["step"] == 4
+    assert (reports[1][1] / MODEL_FILE).is_file()
+    assert [h["step"] for h in load_state(reports[1][1])["history"]] == [2, 4]
+
+    again: list[dict] = []
+    out = run_baseline(cfg, lambda m, c: again.append(m), tmp_path / "again", resume=load_state(reports[1][1]))
+    assert again == []  # nothing re-trained or re-reported
+    assert out["step"] == 4 and out["val/mIoU"] == last["val/mIoU"]
