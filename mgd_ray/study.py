@@ -266,6 +266,7 @@ def _run_trial(config: dict[str, Any], plan: Plan) -> None:
 
         torch.set_num_threads(max(1, int(plan.resources(job.teacher).cpus_per_worker)))
     start = time.time()
+    local = job.cfg.output / "checkpoints"  # an in-trial job's own checkpoint folder
     trainer = make_trainer(
         job.cfg,
         plan.scaling(teacher=job.teacher),
@@ -274,9 +275,8 @@ def _run_trial(config: dict[str, Any], plan: Plan) -> None:
         max_failures=1,
         callbacks=[] if in_trial else [TuneReportCallback()],
         mlflow_run={"uri": plan.tracking_uri, "run_id": run_id},
-        in_trial=job.cfg.output / "checkpoints" if in_trial else None,
+        in_trial=local if in_trial else None,
     )
-    local = job.cfg.output / "checkpoints"
     try:
         result = trainer.fit()
         model_path = export_model(result, job.cfg.output, latest_checkpoint(local) if in_trial else None)
