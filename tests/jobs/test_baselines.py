@@ -1,0 +1,53 @@
+"""The baselines of Table 1 as plain in-process jobs: each trains, reports its terms and exports.
+
+Their Ray Train path is the same wrapper every job kind goes through (tests/test_train.py runs a
+teacher and KD there, tests/test_distributed.py compares Mean Teacher and CPS across workers).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mgd_ray.config import parse_job_config
+from mgd_ray.jobs.baselines import ema_update, run_baseline
+from mgd_ray.jobs.common import MODEL_FILE
+
+
+def test_ema_update_by_hand():
+    ema, model = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    with torch.no_grad():
+        ema.weight.copy_(torch.tensor([1.0, 2.0]))
+        model.weight.copy_(torch.tensor([3.0, 6.0]))
+        model.running_mean.copy_(torch.tensor([0.5, -0.5]))
+    ema_update(ema, model, decay=0.75)
+    assert ema.weight.tolist() == [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6]  # [1.5, 3.0]
+    assert ema.running_mean.tolist() == [0.5, -0.5]  # buffers are copied, not averaged
+
+
+@pytest.mark.parametrize("method,terms", [
+    ("supervised", {"sup"}),
+    ("mean_teacher", {"sup", "mean_teacher"}),
+    ("cps", {"sup/branch1", "sup/branch2", "cps"}),
+    ("kd", {"sup", "kd"}),
+    ("cwd", {"sup", "cwd"}),
+])
+def test_every_baseline_trains_reports_its_terms_and_exports(tiny_data_cfg, tiny_schedule, teacher_ckpt, tmp_path, method, terms):
+    raw = {"method": method, "data": tiny_data_cfg, "schedule": tiny_schedule, "output": str(tmp_path / "out")}
+    if method in ("kd", "cwd"):
+        raw["teacher"] = {"model": {"backbone": "resnet18"}, "checkpoint": str(teacher_ckpt)}
+    reports: list[tuple[dict, Path]] = []
+    run_baseline(parse_job_config("baseline", raw), lambda m, c: reports.append((m, c)), tmp_path)
+    assert [m["step"] for m, _ in reports] == [2, 4]
+    for metrics, _ in reports:
+        assert {k.removeprefix("loss/") for k in metrics if k.startswith("loss/")} == terms | {"total"}
+        assert metrics["loss/total"] == pytest.approx(sum(metrics[f"loss/{t}"] for t in terms), rel=1e-5)
+        assert 0.0 <= metrics["val/mIoU"] <= 1.0
+    last = reports[-1][0]
+    record = torch.load(reports[-1][1] / MODEL_FILE, weights_only=False)
+    role = f"baseline/{method}"
+    if method == "cps":  # the branch with the better val mIoU is the exported network
+        role += ":branch1" if last["val/branch1/mIoU"] >= last["val/branch2/mIoU"] else ":branch2"
+        assert last["val/mIoU"] == max(last["val/branch1/mIoU"], last["val/branch2/mIoU"])
+    assert record["role"] == role and record["metrics"]["step"] == 4
