@@ -5,7 +5,7 @@ from types import SimpleNamespace
 from mlflow.entities import Metric
 
 from mgd_ray import tracking
-from mgd_ray.report import finalize_stopped
+from mgd_ray.report import _verdict, finalize_stopped
 
 
 def test_stopped_runs_keep_their_real_end_time(tmp_path):
@@ -33,3 +33,16 @@ def test_stopped_runs_keep_their_real_end_time(tmp_path):
     assert k.data.tags[tracking.STATE_TAG] == "stopped_early" and k.info.status == "KILLED" and k.info.end_time == 7000
     assert s.data.tags[tracking.STATE_TAG] == "stopped_early" and s.info.end_time == 9000
     assert d.data.tags[tracking.STATE_TAG] == "finished" and d.info.end_time == 12000
+
+
+def test_verdict_gaps_against_the_seed_spread_and_the_search_selection():
+    teacher = [{"name": "teacher T_D", "miou": 0.5, "gflops": 1.25}]
+    one = _verdict([0.40], {"supervised": [0.37]}, teacher, searched=8)
+    assert "MGD is 3.00 mIoU above supervised (one seed each: the spread between seeds is unknown" in one
+    assert "best of 8 searched trials" in one  # a maximum over trials against single baseline runs
+    assert "The teacher T_D reaches 50.00 mIoU at 1.25 GFLOPs." in one
+    # Over seeds: MGD 0.38 ± 0.02 (sample std), supervised 0.36 ± 0.01; the gap 2.00 is within 2 × 2.00.
+    seeds = _verdict([0.40, 0.36, 0.38], {"supervised": [0.35, 0.37, 0.36], "kd": [0.30, 0.31, 0.29]}, [], searched=8)
+    assert "MGD is 2.00 mIoU above supervised (within twice the seed-to-seed spread of 2.00)." in seeds
+    assert "MGD is 8.00 mIoU above kd (larger than twice the seed-to-seed spread of 2.00)." in seeds
+    assert "searched trials" not in seeds  # repeated over seeds: no longer a single selected maximum
