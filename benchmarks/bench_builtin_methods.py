@@ -131,14 +131,14 @@ def main() -> int:
         flush=True,
     )
     from mgd_ray.config import DataConfig
-    from mgd_ray.jobs.common import prepare_manifest
+    from mgd_ray.data.stream import prepare_manifest
 
     # Generate the data once here, rather than in two worker processes at the same time.
     prepare_manifest(DataConfig.model_validate(data_config(args)))
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         teachers = args.teachers
         if teachers is None:
-            jobs = [pool.submit(train_teacher, role, args, its) for role, its in zip(TEACHERS, args.teacher_iterations)]
+            jobs = [pool.submit(train_teacher, role, args, its) for role, its in zip(TEACHERS, args.teacher_iterations, strict=True)]
             for job in jobs:
                 role, miou, secs = job.result()
                 print(f"  teacher {role} ({TEACHERS[role]}): {miou:.1f} mIoU at its last step, {secs:.0f} s", flush=True)

@@ -46,12 +46,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mgd_ray import losses
 from mgd_ray.config import OptimConfig, parse_job_config
+from mgd_ray.data.stream import Batch
 from mgd_ray.data.transforms import box_mask
 from mgd_ray.distributed import DistEnv
-from mgd_ray.jobs.common import Batch, make_optimizer, mixed_pseudo_labels
-from mgd_ray.jobs.distill import FrozenTeacher, distill_terms, teacher_signals
+from mgd_ray.jobs.distill import distill_terms
+from mgd_ray.jobs.loop import make_optimizer
 from mgd_ray.models.deeplab import build_segmenter
-from mgd_ray.teacher_cache import TeacherCache, step_columns, write_steps
+from mgd_ray.teacher_cache.build import step_columns, write_steps
+from mgd_ray.teacher_cache.read import TeacherCache
+from mgd_ray.teachers import FrozenTeacher, step_signals, teacher_roles
 
 ROWS = ("reference", "train", "eval", "fast", "cache")
 LABELS = {
@@ -99,9 +102,9 @@ def reference_step(student, teachers, b: Batch, cfg, opt) -> tuple[float, float]
     out_l = student(b.x_l)
     out_mix = student(x_mix)
     loss = losses.supervised_loss(out_l.logits, b.y)
-    for name, o in outs.items():
+    for o in outs.values():
         loss = loss + losses.pixel_consistency_loss(out_l.logits, o["l"].logits)
-        pl_mix = mixed_pseudo_labels(o["u0"].logits, o["u1"].logits, b.m)
+        pl_mix = losses.mixed_pseudo_labels(o["u0"].logits, o["u1"].logits, b.m)
         loss = loss + losses.pixel_consistency_loss(out_mix.logits, pl_mix)
     loss = loss + lc.lambda_1 * losses.image_level_loss(out_mix.logits, outs["T_D"]["mix"].logits)
     loss = loss + lc.lambda_2 * losses.region_level_loss(out_mix.features, outs["T_W"]["mix"].features, lc.pool_size)
@@ -160,21 +163,16 @@ def run_row(args: argparse.Namespace) -> dict:
     total = args.warmup + args.steps
     data = make_batches(total, args.batch, args.crop, args.classes, device)
     lc = cfg.losses
+    roles = teacher_roles(cfg)
 
     def live(b: Batch, _: int):
-        return {
-            name: teacher_signals(
-                t, b, pixel=True, image=name in lc.image_teachers, region=name in lc.region_teachers, batched=cfg.teacher_mode == "eval"
-            )
-            for name, t in teachers.items()
-        }
+        return step_signals(teachers, b, roles, batched=cfg.teacher_mode == "eval")
 
     cache_bytes = None
     signals_fn = live
     if args.row == "cache":
-        stored = {"T_D": ["pl_l", "pl_mix", "logits_mix"], "T_W": ["pl_l", "pl_mix", f"feats_mix@{args.pool_size}"]}
         tmp = Path(tempfile.mkdtemp(prefix="bench_step_cache_")) / "rank0-of-1.parquet"
-        columns = write_steps(tmp, (step_columns(teachers, b, stored, [args.pool_size], True) for b in data))
+        columns = write_steps(tmp, (step_columns(teachers, b, roles, [args.pool_size], True) for b in data))
         cache_bytes = tmp.stat().st_size / total
         meta = {"iterations": total, "columns": columns}
         cache = TeacherCache(tmp, meta, device, teachers)

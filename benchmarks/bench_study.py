@@ -99,8 +99,8 @@ def _plain_trial(args: tuple[dict[str, Any], int]) -> float:
 
 def plain_configs(work: Path, name: str, trials: list[Any]) -> list[dict[str, Any]]:
     """The trials' job configs, rebuilt from the study's resolved file, its teachers and their params."""
-    from mgd_ray.study import Plan, distill_job
-    from mgd_ray.study_config import StudyConfig
+    from mgd_ray.study.config import StudyConfig
+    from mgd_ray.study.plan import Plan, distill_job
 
     resolved = max((work / "mgd_ray_runs" / name).glob("*/resolved_study.json"))
     root = resolved.parent

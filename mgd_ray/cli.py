@@ -61,21 +61,15 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ray.train import ScalingConfig
-
     from mgd_ray.config import ConfigError, load_job_config
-    from mgd_ray.train import run_job
+    from mgd_ray.train import run_job, scaling_config
 
     try:
         cfg = load_job_config(args.config, args.kind)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    scaling = ScalingConfig(
-        num_workers=args.workers,
-        use_gpu=args.gpus,
-        resources_per_worker={"CPU": args.cpus_per_worker} | ({"GPU": 1} if args.gpus else {}),
-    )
+    scaling = scaling_config(args.workers, args.cpus_per_worker, 1.0 if args.gpus else 0.0)
     out = run_job(cfg, scaling, storage_path=args.storage, name=args.name, max_failures=args.max_failures)
     print(f"val/mIoU {out.metrics.get('val/mIoU', float('nan')):.4f} after {out.metrics.get('step')} steps")
     print(f"model: {out.model_path}")
@@ -84,8 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _load_study(path: str, smoke: bool = False):  # -> StudyConfig | None
     from mgd_ray.config import ConfigError
-    from mgd_ray.study_config import load_study
-    from mgd_ray.study_config import smoke as shrink
+    from mgd_ray.study.config import load_study
+    from mgd_ray.study.plan import smoke as shrink
 
     try:
         study = load_study(path)
@@ -112,7 +106,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mgd_ray.study import run_study
+    from mgd_ray.study.run import run_study
 
     study = _load_study(args.study, args.smoke)
     if study is None:

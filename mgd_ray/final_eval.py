@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgd_ray.config import DataConfig, ModelConfig
+from mgd_ray.checkpoint import CheckpointError, load_segmenter, read_segmenter
+from mgd_ray.data.stream import JobData
 from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mgd_ray.jobs.common import JobData, load_job_data, load_segmenter
 from mgd_ray.metrics import mean_iou
 
 
@@ -26,8 +26,8 @@ class FinalEval:
 
 
 def load_model(path: Path, num_classes: int, what: str) -> torch.nn.Module:
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    return load_segmenter(path, ModelConfig.model_validate(record["model"]), num_classes, what).eval()
+    """The network of a checkpoint, whatever its architecture, in eval mode."""
+    return load_segmenter(path, None, num_classes, what).eval()
 
 
 def recorded_evaluation(path: Path) -> FinalEval:
@@ -36,11 +36,11 @@ def recorded_evaluation(path: Path) -> FinalEval:
     The job already evaluated this network on the whole val split, in parallel on its own devices;
     evaluating it again here, in the trial's process that holds no CPU or GPU, would repeat that.
     """
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    if "confusion" not in record:
-        raise ValueError(f"{path}: no recorded val confusion matrix (written by an older mgd_ray); evaluate it with `mgd-ray predict`")
-    matrix = torch.tensor(record["confusion"], dtype=torch.int64)
-    return FinalEval(confusion=matrix.numpy(), miou=float(mean_iou(matrix)), class_names=list(record["class_names"]))
+    record, _ = read_segmenter(path)
+    if record.confusion is None:
+        raise CheckpointError(f"{path}: no recorded val confusion matrix (written by an older mgd_ray); evaluate it with `mgd-ray predict`")
+    matrix = torch.tensor(record.confusion, dtype=torch.int64)
+    return FinalEval(confusion=matrix.numpy(), miou=float(mean_iou(matrix)), class_names=record.class_names)
 
 
 @torch.no_grad()
@@ -88,6 +88,3 @@ def load_examples(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict[
         {name: [entries[f"pred/{name}/{i}"] for i in range(count)] for name in names},
     )
 
-
-def job_data(cfg: DataConfig) -> JobData:
-    return load_job_data(cfg)

@@ -5,8 +5,8 @@ for pixels without a label. Every teacher-side input is detached here, so a teac
 gradient even when the caller forgets ``no_grad``.
 
 Losses whose normaliser varies between batches (valid pixels of a CE, OHEM's kept pixels, a sum
-over the batch) take ``over``: left out, they reduce over the batch they are given; under DDP,
-``over=mgd_ray.distributed.global_batch(env)`` makes them reduce over the global batch of all
+over the batch) take ``batch_reduction``: left out, they reduce over the batch they are given; under DDP,
+``batch_reduction=mgd_ray.distributed.global_batch(env)`` makes them reduce over the global batch of all
 ranks. The other losses average over a count fixed by the shapes (images, classes, all pixels),
 the same on every rank, so per-rank means already average to the global one.
 """
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mgd_ray.data.datasets import IGNORE_INDEX
+from mgd_ray.data.transforms import cutmix
 
 
 class BatchReduction(Protocol):
@@ -34,19 +35,19 @@ class BatchReduction(Protocol):
         ...
 
 
-def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, over: BatchReduction | None) -> Tensor:
-    """CE averaged over the non-ignored pixels of this batch, or of the global batch with ``over``."""
-    if over is None:
+def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, batch_reduction: BatchReduction | None) -> Tensor:
+    """CE averaged over the non-ignored pixels of this batch, or of the global batch with ``batch_reduction``."""
+    if batch_reduction is None:
         return F.cross_entropy(logits, target, ignore_index=ignore_index)
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    return over.mean(total, (target != ignore_index).sum())
+    return batch_reduction.mean(total, (target != ignore_index).sum())
 
 
 def supervised_loss(
-    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, over: BatchReduction | None = None
+    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, batch_reduction: BatchReduction | None = None
 ) -> Tensor:
     """Eq. 1: pixel-wise cross-entropy against ground truth, averaged over labeled pixels."""
-    return _cross_entropy(logits, target.long(), ignore_index, over)
+    return _cross_entropy(logits, target.long(), ignore_index, batch_reduction)
 
 
 def ohem_cross_entropy(
@@ -55,13 +56,13 @@ def ohem_cross_entropy(
     thresh: float = 0.7,
     min_kept: int = 50_000,
     ignore_index: int = IGNORE_INDEX,
-    over: BatchReduction | None = None,
+    batch_reduction: BatchReduction | None = None,
 ) -> Tensor:
     """Online hard-example-mined CE, used by the official code for Cityscapes' ground-truth term.
 
     Pixels whose probability for the true class exceeds ``max(thresh, p_k)`` are dropped, where
     ``p_k`` is the ``min_kept``-th smallest true-class probability, so at least ``min_kept`` pixels
-    always contribute (TorchSemiSeg ``ProbOhemCrossEntropy2d``). With ``over``, the mean runs over
+    always contribute (TorchSemiSeg ``ProbOhemCrossEntropy2d``). With ``batch_reduction``, the mean runs over
     the kept pixels of the global batch, but pixels are mined per batch part, ``min_kept`` per
     part, as the official code mines per GPU.
     """
@@ -77,7 +78,7 @@ def ohem_cross_entropy(
                 kth = torch.kthvalue(true_prob[valid], min_kept).values
                 threshold = torch.maximum(kth, threshold)
             target = target.masked_fill(true_prob > threshold, ignore_index)
-    return _cross_entropy(logits, target, ignore_index, over)
+    return _cross_entropy(logits, target, ignore_index, batch_reduction)
 
 
 def hard_pseudo_labels(teacher: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ def hard_pseudo_labels(teacher: Tensor) -> Tensor:
 
 
 def pixel_consistency_loss(
-    student_logits: Tensor, teacher: Tensor, ignore_index: int = IGNORE_INDEX, over: BatchReduction | None = None
+    student_logits: Tensor, teacher: Tensor, ignore_index: int = IGNORE_INDEX, batch_reduction: BatchReduction | None = None
 ) -> Tensor:
     """Eq. 2: CE between the student and one teacher's hard pseudo labels.
 
@@ -97,7 +98,7 @@ def pixel_consistency_loss(
     ``ignore_index`` in precomputed labels do not contribute. The paper's L_P sums this over T_D and
     T_W; the caller adds one term per teacher.
     """
-    return _cross_entropy(student_logits, hard_pseudo_labels(teacher), ignore_index, over)
+    return _cross_entropy(student_logits, hard_pseudo_labels(teacher), ignore_index, batch_reduction)
 
 
 def global_semantic_vector(logits: Tensor) -> Tensor:
@@ -109,14 +110,14 @@ def image_level_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     reduction: Literal["sum", "mean"] = "sum",
-    over: BatchReduction | None = None,
+    batch_reduction: BatchReduction | None = None,
 ) -> Tensor:
     """Eq. 3-4, image-level semantic-sensitive loss: L1 between GAP'd student and teacher logits.
 
     ``reduction="sum"`` sums |k_S - k_T| over batch and classes as the official code does (and as
     its lambda_1 = 0.002 is tuned for); ``"mean"`` is the paper's 1/N average over classes, also
     averaged over the batch. ``teacher_logits`` may be an already pooled (N, C) tensor. With
-    ``over``, "sum" sums over the global batch, so lambda_1 weighs the same total on any number of
+    ``batch_reduction``, "sum" sums over the global batch, so lambda_1 weighs the same total on any number of
     workers (the official code sums per GPU, and its DDP then averages over GPUs).
     """
     k_s = global_semantic_vector(student_logits)
@@ -125,7 +126,7 @@ def image_level_loss(
         k_t = global_semantic_vector(k_t)
     diff = (k_s - k_t).abs()
     if reduction == "sum":
-        return diff.sum() if over is None else over.sum(diff.sum())
+        return diff.sum() if batch_reduction is None else batch_reduction.sum(diff.sum())
     if reduction == "mean":
         return diff.mean()
     raise ValueError(f"image_level_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -160,13 +161,29 @@ def region_level_loss(student_feats: Tensor, teacher_feats: Tensor, pool_size: i
     return F.mse_loss(m_s, m_t)
 
 
-def cps_loss(logits_l: Tensor, logits_r: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Cross pseudo supervision (Chen et al., CVPR 2021): each branch learns the other's argmax.
+def mixed_pseudo_labels(logits_u0: Tensor, logits_u1: Tensor, m: Tensor) -> Tensor:
+    """Hard labels for x_mix from predictions on its sources: argmax(T(u0)·(1−m) + T(u1)·m) (method notes)."""
+    return cutmix(logits_u0, logits_u1, m).argmax(dim=1)
 
-    Returns CE(l, argmax r) + CE(r, argmax l); the caller multiplies by the CPS weight.
+
+def cps_loss(
+    logits_1: Tensor,
+    logits_2: Tensor,
+    pseudo_1: Tensor | None = None,
+    pseudo_2: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    batch_reduction: BatchReduction | None = None,
+) -> Tensor:
+    """Cross pseudo supervision (Chen et al., CVPR 2021): each branch learns the other's hard labels.
+
+    Returns CE(logits_1, ŷ_2) + CE(logits_2, ŷ_1); the caller multiplies by the CPS weight. ŷ_k is
+    the argmax of ``logits_k`` unless ``pseudo_k`` gives branch k's labels, as on CutMix-ed images,
+    where they are ``mixed_pseudo_labels`` of the branch's predictions on u0 and u1.
     """
-    return pixel_consistency_loss(logits_l, logits_r, ignore_index) + pixel_consistency_loss(
-        logits_r, logits_l, ignore_index
+    target_1 = logits_1 if pseudo_1 is None else pseudo_1
+    target_2 = logits_2 if pseudo_2 is None else pseudo_2
+    return pixel_consistency_loss(logits_1, target_2, ignore_index, batch_reduction) + pixel_consistency_loss(
+        logits_2, target_1, ignore_index, batch_reduction
     )
 
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics: a confusion matrix accumulated over a whole split, mIoU, sliding windows.
+"""Segmentation metrics: a confusion matrix accumulated over a whole split, mIoU, sliding windows, a job's evaluation.
 
 mIoU follows the convention of CPS/MGD's evaluation: IoU_c = TP / (TP + FP + FN) from a confusion
 matrix summed over every pixel of the split (not averaged per image); a class with no pixel in
@@ -15,9 +15,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from mgd_ray.data.datasets import IGNORE_INDEX
+from mgd_ray.data.stream import JobData, pad_collate
+from mgd_ray.distributed import DistEnv, unwrap
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -117,3 +120,32 @@ def sliding_window_logits(
             out[:, :, y : y + window, x : x + window] += predict(crop).float()
             count[:, :, y : y + window, x : x + window] += 1
     return (out / count)[:, :, :h, :w]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: JobData, env: DistEnv, batch: int, window: int | None = None) -> ConfusionMatrix:
+    """Confusion matrix over the whole val split, each rank a shard, summed across ranks."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    indices = list(range(env.rank, len(data.val), env.world_size))
+    loader = DataLoader(Subset(data.val, indices), batch_size=batch, collate_fn=pad_collate)
+    cm = ConfusionMatrix(data.num_classes, device=env.device)
+    for b in loader:
+        x = b["image"].to(env.device)
+        if window is None:
+            logits = net(x).logits
+        else:
+            logits = sliding_window_logits(lambda t: net(t).logits, x, data.num_classes, window)
+        cm.update(logits.argmax(1), b["label"].to(env.device))
+    cm.all_reduce()
+    net.train(was_training)
+    return cm
+
+
+def eval_metrics(cm: ConfusionMatrix, class_names: list[str], prefix: str = "val") -> dict[str, float]:
+    """``{prefix}/mIoU`` and ``{prefix}/IoU/<class>`` of a split's confusion matrix."""
+    out = {f"{prefix}/mIoU": cm.miou()}
+    for name, iou in zip(class_names, cm.iou(), strict=True):
+        out[f"{prefix}/IoU/{name}"] = iou
+    return out

@@ -1,6 +1,6 @@
 """Use a trained segmenter on images: find its checkpoint, rebuild it, write colour masks and overlays.
 
-A checkpoint (``mgd_ray.segmenter/1``, see ``jobs.common.segmenter_record``) carries the
+A checkpoint (``mgd_ray.segmenter/1``, see ``checkpoint.segmenter_record``) carries the
 architecture, classes, normalisation, training crop and palette, so a file path, an MLflow run id or
 a ``models:/name/version`` URI is all a user has to give. Inputs are checked before anything is
 written, and outputs go to a staging folder that is renamed into place only when every image is done.
@@ -22,15 +22,13 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from PIL import Image
-from pydantic import ValidationError
 from torch import Tensor
 from tqdm import tqdm
 
-from mgd_ray.config import ModelConfig
+from mgd_ray.checkpoint import CHECKPOINT_FORMAT, MODEL_FILE, CheckpointError, SegmenterRecord, read_segmenter, rebuild
 from mgd_ray.data.datasets import IMAGE_EXTENSIONS, DatasetError, load_image
-from mgd_ray.jobs.common import CHECKPOINT_FORMAT, MODEL_FILE, dataset_palette
 from mgd_ray.metrics import sliding_window_logits
-from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
+from mgd_ray.models.deeplab import DeepLabV3Plus
 from mgd_ray.plots import overlay
 from mgd_ray.tracking import CHECKPOINT_ARTIFACT, client_for
 
@@ -40,37 +38,15 @@ RUN_ARTIFACTS = (CHECKPOINT_ARTIFACT, f"best_student_checkpoint/{MODEL_FILE}", f
 Window = int | Literal["auto"] | None
 
 
-class CheckpointError(ValueError):
-    """A model reference or checkpoint that cannot be used; the message names it and the fix."""
-
-
 class ImageError(ValueError):
     """An input image or output path problem; the message names the file."""
 
 
-def is_teacher_role(role: str) -> bool:
-    """Roles are ``teacher``, ``teacher:branchN``, ``student``, ``baseline/<method>[:branchN]``."""
-    return role.split(":")[0] == "teacher"
-
-
-@dataclass
-class Segmenter:
-    """A network rebuilt from a checkpoint, with what is needed to run it and colour its output."""
+@dataclass(kw_only=True)
+class Segmenter(SegmenterRecord):
+    """A network rebuilt from a checkpoint, with its record: what is needed to run it and colour its output."""
 
     model: DeepLabV3Plus
-    path: Path
-    role: str
-    model_cfg: ModelConfig
-    class_names: list[str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_size: int
-    palette: list[tuple[int, int, int]]
-    dataset: str | None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     @property
     def device(self) -> torch.device:
@@ -202,55 +178,22 @@ def load_checkpoint(
     """Rebuild the network of a segmenter checkpoint in eval mode on ``device`` (CUDA when present).
 
     Refuses a teacher unless ``allow_teacher``, and a class list other than ``expect_classes``.
-    Records written before palette and dataset were stored get the palette of their class list.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises anything from zip, pickle or storage errors
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err}); check the file") from err
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+    record, weights = read_segmenter(path)
+    cfg = record.model_cfg
+    if record.is_teacher and not allow_teacher:
         raise CheckpointError(
-            f"{path}: not an mgd_ray segmenter checkpoint ({CHECKPOINT_FORMAT}); use the model.pt a job or study wrote"
-        )
-    role = str(record["role"])
-    try:
-        cfg = ModelConfig.model_validate(record["model"])
-    except ValidationError as err:
-        raise CheckpointError(f"{path}: its model description is invalid ({err})") from err
-    if is_teacher_role(role) and not allow_teacher:
-        raise CheckpointError(
-            f"{path}: holds a teacher ({role}, {cfg.backbone}) where a student is expected; use the student "
+            f"{path}: holds a teacher ({record.role}, {cfg.backbone}) where a student is expected; use the student "
             "checkpoint (a study's best student or `mgd-ray train student` output), or allow a teacher "
             "explicitly (--allow-teacher)"
         )
-    class_names = [str(c) for c in record["class_names"]]
-    if expect_classes is not None and list(expect_classes) != class_names:
+    if expect_classes is not None and list(expect_classes) != record.class_names:
         raise CheckpointError(
-            f"{path}: predicts classes {class_names} but {list(expect_classes)} are expected; "
+            f"{path}: predicts classes {record.class_names} but {list(expect_classes)} are expected; "
             "use a checkpoint trained on this class list"
         )
-    model = build_segmenter(cfg.backbone, int(record["num_classes"]), cfg.output_stride, stem=cfg.stem)
-    try:
-        model.load_state_dict(record["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit a {cfg.backbone} segmenter ({err})") from err
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    palette = record.get("palette") or dataset_palette(record.get("dataset"), class_names)
-    return Segmenter(
-        model=model.to(device).eval(),
-        path=path,
-        role=role,
-        model_cfg=cfg,
-        class_names=class_names,
-        mean=tuple(record["mean"]),
-        std=tuple(record["std"]),
-        crop_size=int(record["crop_size"]),
-        palette=[(int(r), int(g), int(b)) for r, g, b in palette],
-        dataset=record.get("dataset"),
-    )
+    return Segmenter(**vars(record), model=rebuild(record, weights).to(device).eval())
 
 
 # ---------------------------------------------------------------------------- inference

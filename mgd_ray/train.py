@@ -27,11 +27,13 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from mgd_ray.checkpoint import HISTORY_FILE, MODEL_FILE, load_state
 from mgd_ray.config import JobConfig, absolute_paths, parse_job_config
+from mgd_ray.data.stream import with_manifest
 from mgd_ray.jobs.baselines import run_baseline
-from mgd_ray.jobs.common import HISTORY_FILE, MODEL_FILE, load_state, prepare_manifest
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
+from mgd_ray.tracking import client_for, log_metrics
 
 JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline}
 
@@ -53,23 +55,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
         with checkpoint.as_directory() as d:
             resume = load_state(Path(d))
     rank = 0 if in_trial else ray.train.get_context().get_world_rank()
-    fault = payload.get("fail_once_at_step")
     mlflow_run = payload.get("mlflow")  # {"uri", "run_id"}: rank 0 logs every evaluation to this run
-    client = None
-    if mlflow_run is not None and rank == 0:
-        from mgd_ray.tracking import client_for
-
-        client = client_for(mlflow_run["uri"])
+    client = client_for(mlflow_run["uri"]) if mlflow_run is not None and rank == 0 else None
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        if fault is not None and rank == 0 and metrics["step"] >= fault:
-            marker = Path(payload["fault_marker"])
-            if not marker.exists():
-                marker.touch()
-                raise RuntimeError(f"injected failure before reporting step {metrics['step']}")
         if client is not None:
-            from mgd_ray.tracking import log_metrics
-
             log_metrics(client, mlflow_run["run_id"], metrics, step=int(metrics["step"]))
         if not in_trial:
             ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
@@ -122,7 +112,6 @@ def make_trainer(
     max_failures: int = 0,
     callbacks: list[Any] | None = None,
     mlflow_run: dict[str, str] | None = None,
-    fail_once_at_step: int | None = None,
     in_trial: Path | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of one job; ``cfg`` must already carry absolute paths and its manifest.
@@ -136,9 +125,6 @@ def make_trainer(
         scaling = ScalingConfig(num_workers=0)
     if mlflow_run is not None:
         payload["mlflow"] = mlflow_run
-    if fail_once_at_step is not None:
-        storage.mkdir(parents=True, exist_ok=True)
-        payload |= {"fail_once_at_step": fail_once_at_step, "fault_marker": str(storage / f"{name}.fault")}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -153,13 +139,19 @@ def make_trainer(
     )
 
 
+def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0) -> ScalingConfig:
+    """``workers`` DDP workers, each reserving its CPUs and (fractional) GPUs: NCCL with GPUs, else gloo."""
+    per_worker = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=per_worker)
+
+
 def latest_checkpoint(root: Path) -> Checkpoint | None:
     """The last checkpoint a job run in its trial's process left under its ``checkpoint_root``."""
     steps = sorted(root.glob("step_*")) if root.is_dir() else []
     return Checkpoint.from_directory(str(steps[-1])) if steps else None
 
 
-def export_model(result: Result, output: Path, checkpoint: Checkpoint | None = None) -> Path:
+def copy_exported_model(result: Result, output: Path, checkpoint: Checkpoint | None = None) -> Path:
     """Copy the exported network (``model.pt`` of the last checkpoint) to ``output``.
 
     ``checkpoint`` overrides ``result.checkpoint`` (a job run in its trial's process reports its
@@ -180,20 +172,17 @@ def run_job(
     storage_path: Path | str = "mgd_ray_runs/ray",
     name: str | None = None,
     max_failures: int = 0,
-    fail_once_at_step: int | None = None,
 ) -> JobResult:
     """Run one job on the Ray cluster ``ray.init`` finds (a local one by default).
 
     Relative paths of the config are resolved against the driver's working directory before the
     config travels to the workers. The exported model (``model.pt`` of the last checkpoint) is
-    copied to ``cfg.output``. ``fail_once_at_step`` makes rank 0 raise once before reporting that
-    step: the fault-tolerance tests use it to kill a run after its first checkpoint.
+    copied to ``cfg.output``.
     """
-    cfg = absolute_paths(cfg, Path.cwd())
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": prepare_manifest(cfg.data)})})
+    cfg = with_manifest(absolute_paths(cfg, Path.cwd()))
     storage = Path(storage_path).resolve()
     name = name or f"{cfg.kind}-{cfg.output.name}"
-    trainer = make_trainer(cfg, scaling, storage, name, max_failures, fail_once_at_step=fail_once_at_step)
+    trainer = make_trainer(cfg, scaling, storage, name, max_failures)
     result = trainer.fit()
-    model_path = export_model(result, cfg.output)
+    model_path = copy_exported_model(result, cfg.output)
     return JobResult(metrics=dict(result.metrics or {}), history=job_history(result), model_path=model_path, result=result)

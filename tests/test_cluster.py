@@ -119,7 +119,7 @@ def test_no_keys_or_key_files_in_the_launcher_configs(name):
     config = load(name)
     assert set(config["auth"]) == {"ssh_user"}  # Ray generates the key pair
     assert "gcp_credentials" not in config["provider"]
-    for path, value in walk(config):
+    for path, _value in walk(config):
         assert not SECRET_KEY.search(path[-1]), path
 
 

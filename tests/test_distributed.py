@@ -21,6 +21,8 @@ from mgd_ray.data.datasets import SegmentationDataset
 from mgd_ray.distributed import DistEnv, GlobalBatchNorm2d, global_batch
 from mgd_ray.train import JOBS
 
+pytestmark = pytest.mark.slow  # gloo process groups
+
 SIZES = (1, 3)  # uneven per-rank batches: the global statistics must weigh ranks by their counts
 
 
@@ -105,21 +107,21 @@ def loss_inputs():
 
 
 LOSSES = {
-    "supervised": lambda s, y, t, over: losses.supervised_loss(s, y, over=over),
-    "ohem": lambda s, y, t, over: losses.ohem_cross_entropy(s, y, min_kept=5, over=over),
-    "pixel": lambda s, y, t, over: losses.pixel_consistency_loss(s, y, over=over),
-    "image_sum": lambda s, y, t, over: losses.image_level_loss(s, t, "sum", over=over),
+    "supervised": lambda s, y, t, reduction: losses.supervised_loss(s, y, batch_reduction=reduction),
+    "ohem": lambda s, y, t, reduction: losses.ohem_cross_entropy(s, y, min_kept=5, batch_reduction=reduction),
+    "pixel": lambda s, y, t, reduction: losses.pixel_consistency_loss(s, y, batch_reduction=reduction),
+    "image_sum": lambda s, y, t, reduction: losses.image_level_loss(s, t, "sum", batch_reduction=reduction),
 }
 
 
 def loss_rank(rank: int) -> dict:
     logits, target, teacher = loss_inputs()
     part = slice(2 * rank, 2 * rank + 2)
-    over = global_batch(DistEnv(rank, 2, torch.device("cpu")))
+    reduction = global_batch(DistEnv(rank, 2, torch.device("cpu")))
     out = {}
     for name, fn in LOSSES.items():
         s = logits[part].clone().requires_grad_(True)
-        loss = fn(s, target[part], teacher[part], over)
+        loss = fn(s, target[part], teacher[part], reduction)
         loss.backward()
         out[name] = (loss.detach(), s.grad)
     return out
@@ -142,7 +144,7 @@ def test_losses_over_the_global_batch(tmp_path):
     per_rank = sum(F.cross_entropy(logits[r : r + 2], target[r : r + 2], ignore_index=255) for r in (0, 2)) / 2
     assert abs(per_rank - losses.supervised_loss(logits, target)) > 1e-2
     # OHEM: the mean runs over the kept pixels of both ranks.
-    kept = [losses.ohem_cross_entropy(logits[r : r + 2], target[r : r + 2], min_kept=5, over=_Count()) for r in (0, 2)]
+    kept = [losses.ohem_cross_entropy(logits[r : r + 2], target[r : r + 2], min_kept=5, batch_reduction=_Count()) for r in (0, 2)]
     total, count = zip(*kept, strict=True)
     expected = sum(total) / sum(count)
     torch.testing.assert_close((parts[0]["ohem"][0] + parts[1]["ohem"][0]) / 2, expected)

@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import mgd_ray.export as export_module
+from mgd_ray.checkpoint import segmenter_record
 from mgd_ray.cli import main
 from mgd_ray.config import ModelConfig
 from mgd_ray.data.datasets import voc_palette
 from mgd_ray.export import ExportError, export_model, export_onnx, export_torchscript
-from mgd_ray.jobs.common import segmenter_record
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.predict import CheckpointError
+
+pytestmark = pytest.mark.slow  # torch.onnx's exporter and ONNX Runtime
 
 STUDENTS = ("resnet18", "mobilenet_v2")
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from mgd_ray.checkpoint import segmenter_record
 from mgd_ray.config import parse_job_config
 from mgd_ray.final_eval import load_examples, load_model, recorded_evaluation, save_examples
 from mgd_ray.jobs.baselines import run_baseline
-from mgd_ray.jobs.common import segmenter_record
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.models.deeplab import build_segmenter
 

@@ -211,3 +211,20 @@ def test_gradient_reaches_student_only(fn):
     loss.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+def test_mixed_pseudo_labels_by_hand():
+    # Two classes, one row of 3 pixels; m = 1 takes u1's prediction (u0·(1−m) + u1·m).
+    u0 = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]]]])  # argmax 0, 1, 0
+    u1 = torch.tensor([[[[0.0, 3.0, 0.0]], [[1.0, 0.0, 2.0]]]])  # argmax 1, 0, 1
+    m = torch.tensor([[[[0.0, 1.0, 1.0]]]])
+    assert losses.mixed_pseudo_labels(u0, u1, m).tolist() == [[[0, 0, 1]]]
+
+
+def test_cps_loss_with_given_pseudo_labels(rng):
+    # Each branch learns the other branch's labels (here its mixed pseudo labels), not its own.
+    a = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    b = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    pl_a, pl_b = rng.integers(0, 3, (1, 4, 4)), rng.integers(0, 3, (1, 4, 4))
+    got = losses.cps_loss(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(pl_a), torch.from_numpy(pl_b)).item()
+    assert got == pytest.approx(np_ce(a, pl_b) + np_ce(b, pl_a), rel=1e-5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mgd_ray.checkpoint import dataset_palette, segmenter_record
 from mgd_ray.cli import main
 from mgd_ray.config import ModelConfig
 from mgd_ray.data.datasets import (
@@ -17,7 +18,6 @@ from mgd_ray.data.datasets import (
     voc_palette,
 )
 from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mgd_ray.jobs.common import dataset_palette, segmenter_record
 from mgd_ray.metrics import sliding_window_logits
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.plots import overlay

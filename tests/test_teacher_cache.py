@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from mgd_ray import losses
+from mgd_ray.checkpoint import segmenter_record
 from mgd_ray.config import parse_job_config
+from mgd_ray.data.stream import batches, load_job_data
 from mgd_ray.distributed import DistEnv
 from mgd_ray.jobs import distill
-from mgd_ray.jobs.common import batches, load_job_data, segmenter_record
 from mgd_ray.models.deeplab import build_segmenter
-from mgd_ray.teacher_cache import build_cache, cache_files, check_cache
+from mgd_ray.teacher_cache.build import build_cache
+from mgd_ray.teacher_cache.key import cache_files
+from mgd_ray.teacher_cache.read import check_cache
+from mgd_ray.teachers import load_teachers, teacher_signals
 from mgd_ray.train import JOBS
 
 POOLS = [2, 4]
@@ -60,9 +64,9 @@ def live_run(tmp_path_factory, tiny_data_cfg, tiny_schedule, teacher_ckpt, secon
     seen = []
     original = distill.distill_terms
 
-    def record(student, signals, b, cfg, over=None):
+    def record(student, signals, b, cfg, batch_reduction=None):
         seen.append([b.x_l.clone(), b.y.clone(), b.u0.clone(), b.u1.clone(), b.m.clone()])
-        return original(student, signals, b, cfg, over)
+        return original(student, signals, b, cfg, batch_reduction)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distill, "distill_terms", record)
@@ -86,7 +90,7 @@ def test_cache_gives_the_same_loss_curve_without_running_teachers(
     def no_teachers(*args, **kwargs):
         raise AssertionError("a teacher was loaded or ran although the cache serves every step")
 
-    monkeypatch.setattr(distill, "teacher_signals", no_teachers)
+    monkeypatch.setattr(distill, "step_signals", no_teachers)
     monkeypatch.setattr(distill, "load_teachers", no_teachers)  # not even loaded (a trial's start-up time)
     cached = run_job(job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, cache=cache_dir[0]), tmp_path / "cached")
     assert [r["step"] for r in cached] == [r["step"] for r in live] == [2, 4]
@@ -178,9 +182,9 @@ def test_stored_signals_sizes_and_values(cache_dir, tiny_data_cfg, tiny_schedule
     stream = batches(data, cfg.schedule, 0, env, 2, True)
     next(stream)
     b = next(stream)  # stream step 3
-    teachers = distill.load_teachers(cfg, data.num_classes, env.device)
-    s_w = distill.teacher_signals(teachers["T_W"], b, pixel=True, image=False, region=True, batched=True)
-    s_d = distill.teacher_signals(teachers["T_D"], b, pixel=True, image=True, region=False, batched=True)
+    teachers = load_teachers(cfg, data.num_classes, env.device)
+    s_w = teacher_signals(teachers["T_W"], b, pixel=True, image=False, region=True, batched=True)
+    s_d = teacher_signals(teachers["T_D"], b, pixel=True, image=True, region=False, batched=True)
     row = table.slice(3, 1).to_pylist()[0]
     stored_pl = np.frombuffer(row["T_W/pl_mix"], np.uint8).reshape(2, 32, 32)
     assert torch.equal(torch.from_numpy(stored_pl.astype(np.int64)), s_w.pl_mix)
@@ -236,7 +240,7 @@ def test_build_for_two_ranks(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckp
 
 
 def test_build_runs_with_the_given_threads_and_restores_the_callers(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, monkeypatch):
-    import mgd_ray.teacher_cache as tc
+    import mgd_ray.teacher_cache.build as tc
 
     during = []
     real = tc._build_rank

@@ -9,13 +9,16 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from ray.train import Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from mgd_ray import train
 from mgd_ray.config import absolute_paths, parse_job_config
 from mgd_ray.data.datasets import SegmentationDataset
-from mgd_ray.jobs.common import prepare_manifest
+from mgd_ray.data.stream import with_manifest
 from mgd_ray.train import job_history, run_job, train_loop_per_worker
+
+pytestmark = pytest.mark.slow  # a local Ray cluster and Ray Train worker groups
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def run_float64(cfg, workers: int, storage: Path, name: str) -> Result:
-    cfg = absolute_paths(cfg, Path.cwd())
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": prepare_manifest(cfg.data)})})
+    cfg = with_manifest(absolute_paths(cfg, Path.cwd()))
     trainer = TorchTrainer(
         float64_loop,
         train_loop_config={"kind": cfg.kind, "config": cfg.model_dump(mode="json")},
@@ -105,6 +107,28 @@ def test_two_workers_match_one_worker_with_same_global_batch(local_ray, tiny_dat
     assert two["replica_spread"].tolist() == [0.0] * steps
 
 
+class FailOnce:
+    """A test-side ``Reporter`` wrapper: rank 0 raises once (a marker file remembers) before it
+    reports the evaluation at ``step`` or later, as a worker killed after its last checkpoint."""
+
+    def __init__(self, report, step: int, marker: Path):
+        self.report, self.step, self.marker = report, step, marker
+
+    def __call__(self, metrics: dict, ckpt_dir: Path | None) -> None:
+        if ray.train.get_context().get_world_rank() == 0 and metrics["step"] >= self.step and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError(f"injected failure before reporting step {metrics['step']}")
+        self.report(metrics, ckpt_dir)
+
+
+def failing_loop(payload: dict) -> dict:
+    """``train_loop_per_worker`` whose job reports through ``FailOnce`` (``payload["fault"]``: step, marker)."""
+    step, marker = payload.pop("fault")
+    job = train.JOBS[payload["kind"]]
+    train.JOBS[payload["kind"]] = lambda cfg, report, root, resume: job(cfg, FailOnce(report, step, Path(marker)), root, resume)
+    return train_loop_per_worker(payload)
+
+
 def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_schedule, tmp_path):
     cfg = parse_job_config(
         "baseline",
@@ -116,12 +140,26 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
             "output": str(tmp_path / "out"),
         },
     )
-    out = run_job(cfg, scaling(1), storage_path=tmp_path / "ray", name="resume", max_failures=1, fail_once_at_step=4)
+    cfg = with_manifest(absolute_paths(cfg, Path.cwd()))
+    (tmp_path / "ray").mkdir()
+    trainer = TorchTrainer(
+        failing_loop,
+        train_loop_config={"kind": cfg.kind, "config": cfg.model_dump(mode="json"), "fault": (4, str(tmp_path / "ray" / "resume.fault"))},
+        scaling_config=scaling(1),
+        run_config=RunConfig(
+            name="resume",
+            storage_path=str(tmp_path / "ray"),
+            failure_config=FailureConfig(max_failures=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    history = job_history(result)
     assert (tmp_path / "ray" / "resume.fault").exists()  # the failure really happened
-    assert [m["step"] for m in out.history] == [2, 4, 6]  # no duplicated or missing steps
-    losses = [m["loss/total"] for m in out.history]
+    assert [m["step"] for m in history] == [2, 4, 6]  # no duplicated or missing steps
+    losses = [m["loss/total"] for m in history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert out.metrics["step"] == 6
+    assert result.metrics["step"] == 6
 
 
 # Every baseline method runs in-process in tests/jobs/test_baselines.py; here the Ray Train worker
@@ -144,21 +182,21 @@ def test_every_job_kind_runs_and_reports_miou(local_ray, tiny_data_cfg, teacher_
 def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(local_ray, tiny_data_cfg, tiny_schedule, tmp_path):
     """A trial killed after its job's last step (while logging artifacts) restarts from Tune's last
     checkpoint with nothing left to train: its model must still come from that checkpoint."""
-    from mgd_ray.train import export_model, latest_checkpoint, make_trainer
+    from mgd_ray.train import copy_exported_model, latest_checkpoint, make_trainer
 
     cfg = parse_job_config(
         "baseline",
         {"method": "supervised", "data": tiny_data_cfg, "schedule": {**tiny_schedule, "iterations": 2, "eval_every": 2},
          "output": str(tmp_path / "out")},
     )
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": prepare_manifest(cfg.data)})})
+    cfg = with_manifest(cfg)
     local = cfg.output / "checkpoints"
     marker = tmp_path / "killed"
 
     def trial(config: dict) -> None:
         trainer = make_trainer(cfg, scaling(1), tmp_path / "ray_train", "job", in_trial=local)
         result = trainer.fit()
-        model = export_model(result, cfg.output, latest_checkpoint(local))
+        model = copy_exported_model(result, cfg.output, latest_checkpoint(local))
         shutil.rmtree(local)  # as run_trial does before logging the trial's artifacts
         if not marker.exists():  # killed here once, on its first attempt
             marker.touch()

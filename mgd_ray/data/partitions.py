@@ -275,7 +275,7 @@ def read_manifest(path: Path) -> pa.Table:
     if not subsets <= set(SUBSETS):
         raise DatasetError(f"{path}: unknown subset values {sorted(subsets - set(SUBSETS))}; {fix}")
     for sample_id, label, subset in zip(
-        table["id"].to_pylist(), table["label_path"].to_pylist(), table["subset"].to_pylist()
+        table["id"].to_pylist(), table["label_path"].to_pylist(), table["subset"].to_pylist(), strict=True
     ):
         if (label is None) != (subset == "unlabeled"):
             raise DatasetError(

@@ -1,8 +1,13 @@
-"""The baselines of the paper's Table 1 on the same loop as MGD: Sup-only, MT, CPS, KD, CWD."""
+"""The baselines of the paper's Table 1 on the same loop as MGD: Sup-only, MT, CPS, KD, CWD.
+
+Each method is a ``*_terms`` function of one step, as ``cps_terms`` and ``distill_terms`` are;
+``run_baseline`` builds the student (and the EMA or frozen teacher a method needs) and dispatches.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +15,77 @@ import torch
 from torch import Tensor, nn
 
 from mgd_ray import losses
-from mgd_ray.config import BaselineJobConfig
+from mgd_ray.config import BaselineJobConfig, TeacherJobConfig
+from mgd_ray.data.stream import Batch, load_job_data
+from mgd_ray.data.transforms import cutmix
 from mgd_ray.distributed import dist_env, global_batch, unwrap, wrap_model
-from mgd_ray.jobs.common import (
-    Batch,
-    FitSpec,
-    Reporter,
-    build_model,
-    fit,
-    load_job_data,
-    load_segmenter,
-)
 from mgd_ray.jobs.cps import run_cps_pair
+from mgd_ray.jobs.loop import FitSpec, JobContext, Reporter, fit
+from mgd_ray.models.deeplab import build_segmenter
+from mgd_ray.teachers import load_teacher
+
+LogitDistillation = Callable[[Tensor, Tensor, float], Tensor]
+
+
+def supervised_terms(student: nn.Module, b: Batch, batch_reduction: losses.BatchReduction | None = None) -> dict[str, Tensor]:
+    """Sup-only: the supervised CE on the labeled batch."""
+    return {"sup": losses.supervised_loss(student(b.x_l).logits, b.y, batch_reduction=batch_reduction)}  # Eq. 1
+
+
+def mean_teacher_terms(
+    student: nn.Module, ema: nn.Module, b: Batch, weight: float, batch_reduction: losses.BatchReduction | None = None
+) -> dict[str, Tensor]:
+    """Mean Teacher: CE, and the student on x_mix against the EMA's predictions on u0, u1 mixed by m."""
+    terms = supervised_terms(student, b, batch_reduction)
+    with torch.no_grad():
+        target = cutmix(ema(b.u0).logits, ema(b.u1).logits, b.m)
+    terms["mean_teacher"] = weight * losses.mean_teacher_loss(student(b.x_mix).logits, target)
+    return terms
+
+
+def _logit_distillation_terms(
+    name: str,
+    distil: LogitDistillation,
+    student: nn.Module,
+    teacher: nn.Module,
+    b: Batch,
+    weight: float,
+    temperature: float,
+    batch_reduction: losses.BatchReduction | None,
+) -> dict[str, Tensor]:
+    """CE, and ``distil`` of one frozen teacher's logits on x_l and on x_mix (one teacher forward)."""
+    out_l = student(b.x_l)
+    x_mix = b.x_mix
+    with torch.no_grad():
+        t_l, t_mix = teacher(torch.cat([b.x_l, x_mix])).logits.split([b.x_l.shape[0], x_mix.shape[0]])
+    return {
+        "sup": losses.supervised_loss(out_l.logits, b.y, batch_reduction=batch_reduction),  # Eq. 1
+        name: weight * (distil(out_l.logits, t_l, temperature) + distil(student(x_mix).logits, t_mix, temperature)),
+    }
+
+
+def kd_terms(
+    student: nn.Module,
+    teacher: nn.Module,
+    b: Batch,
+    weight: float,
+    temperature: float,
+    batch_reduction: losses.BatchReduction | None = None,
+) -> dict[str, Tensor]:
+    """KD (Hinton et al.): CE and the pixel-wise KL to the teacher's softened logits."""
+    return _logit_distillation_terms("kd", losses.kd_loss, student, teacher, b, weight, temperature, batch_reduction)
+
+
+def cwd_terms(
+    student: nn.Module,
+    teacher: nn.Module,
+    b: Batch,
+    weight: float,
+    temperature: float,
+    batch_reduction: losses.BatchReduction | None = None,
+) -> dict[str, Tensor]:
+    """CWD (Shu et al.): CE and the channel-wise KL to the teacher's spatial distributions."""
+    return _logit_distillation_terms("cwd", losses.cwd_loss, student, teacher, b, weight, temperature, batch_reduction)
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -35,62 +99,37 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def run_baseline(cfg: BaselineJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None) -> dict[str, float]:
     if cfg.method == "cps":
-        return run_cps_pair(
-            cfg.student, cfg.data, cfg.optim, cfg.schedule, cfg.consistency_weight, False, "baseline/cps",
-            report, checkpoint_root, resume,
+        pair = TeacherJobConfig(
+            data=cfg.data,
+            model=cfg.student,
+            optim=cfg.optim,
+            schedule=cfg.schedule,
+            cps_weight=cfg.consistency_weight,
+            output=cfg.output,
         )
+        return run_cps_pair(pair, "baseline/cps", report, checkpoint_root, resume)
     env = dist_env()
     torch.manual_seed(cfg.schedule.seed)
     data = load_job_data(cfg.data)
-    student = wrap_model(build_model(cfg.student, data.num_classes), env)
-    w = cfg.consistency_weight
-    over = global_batch(env)
-
-    def sup(b: Batch) -> tuple[Any, dict[str, Tensor]]:
-        out_l = student(b.x_l)
-        return out_l, {"sup": losses.supervised_loss(out_l.logits, b.y, over=over)}  # Eq. 1
-
-    extra: dict[str, Any] = {}
+    student = wrap_model(build_segmenter(cfg.student, data.num_classes), env)
+    weight, batch_reduction = cfg.consistency_weight, global_batch(env)
+    hooks: dict[str, Any] = {}  # FitSpec's after_step and extra state, for Mean Teacher's EMA
     if cfg.method == "supervised":
-
-        def step(b: Batch, _: int) -> dict[str, Tensor]:
-            return sup(b)[1]
-
+        step = lambda b, _: supervised_terms(student, b, batch_reduction)
     elif cfg.method == "mean_teacher":
         ema = copy.deepcopy(unwrap(student)).requires_grad_(False)
-
-        def step(b: Batch, _: int) -> dict[str, Tensor]:
-            _, terms = sup(b)
-            with torch.no_grad():
-                target = ema(b.u0).logits * (1 - b.m) + ema(b.u1).logits * b.m
-            terms["mean_teacher"] = w * losses.mean_teacher_loss(student(b.x_mix).logits, target)
-            return terms
-
-        def after(step_no: int) -> None:
+        step = lambda b, _: mean_teacher_terms(student, ema, b, weight, batch_reduction)
+        hooks = {
             # The usual ramp: early on the teacher follows the student closely.
-            ema_update(ema, unwrap(student), min(1 - 1 / (step_no + 1), cfg.ema_decay))
-
-        extra = {
-            "after_step": after,
+            "after_step": lambda k: ema_update(ema, unwrap(student), min(1 - 1 / (k + 1), cfg.ema_decay)),
             "extra_state": lambda: {"ema": ema.state_dict()},
             "load_extra_state": lambda s: ema.load_state_dict(s["ema"]),
         }
     else:  # kd, cwd: distil logits of one frozen teacher on labeled and CutMix-ed unlabeled images
         assert cfg.teacher is not None
-        teacher = load_segmenter(cfg.teacher.checkpoint, cfg.teacher.model, data.num_classes).to(env.device).eval()
-        teacher.requires_grad_(False)
-        distil = losses.kd_loss if cfg.method == "kd" else losses.cwd_loss
-
-        def step(b: Batch, _: int) -> dict[str, Tensor]:
-            out_l, terms = sup(b)
-            x_mix = b.x_mix
-            with torch.no_grad():
-                t_l, t_mix = teacher(torch.cat([b.x_l, x_mix])).logits.split([b.x_l.shape[0], x_mix.shape[0]])
-            terms[cfg.method] = w * (
-                distil(out_l.logits, t_l, cfg.temperature) + distil(student(x_mix).logits, t_mix, cfg.temperature)
-            )
-            return terms
-
+        teacher = load_teacher(cfg.teacher, data.num_classes, env.device)
+        terms = kd_terms if cfg.method == "kd" else cwd_terms
+        step = lambda b, _: terms(student, teacher, b, weight, cfg.temperature, batch_reduction)
     spec = FitSpec(
         name=f"baseline/{cfg.method}",
         module=student,
@@ -98,6 +137,6 @@ def run_baseline(cfg: BaselineJobConfig, report: Reporter, checkpoint_root: Path
         evaluated=lambda: {"": student},
         export=lambda _: (student, cfg.student, f"baseline/{cfg.method}"),
         unlabeled=cfg.method != "supervised",
-        **extra,
+        **hooks,
     )
-    return fit(spec, data, cfg.data, cfg.optim, cfg.schedule, env, report, checkpoint_root, resume)
+    return fit(spec, JobContext(data, cfg.data, cfg.optim, cfg.schedule, env, report, checkpoint_root), resume)

@@ -15,24 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from mgd_ray import losses
-from mgd_ray.config import (
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    ScheduleConfig,
-    TeacherJobConfig,
-)
+from mgd_ray.config import ModelConfig, TeacherJobConfig
+from mgd_ray.data.stream import Batch, load_job_data
 from mgd_ray.distributed import dist_env, global_batch, unwrap, wrap_model
-from mgd_ray.jobs.common import (
-    Batch,
-    FitSpec,
-    Reporter,
-    build_model,
-    fit,
-    load_job_data,
-    mixed_pseudo_labels,
-)
-from mgd_ray.models.deeplab import DeepLabV3Plus
+from mgd_ray.jobs.loop import FitSpec, JobContext, Reporter, fit
+from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
 
 
 class CPSPair(nn.Module):
@@ -41,9 +28,9 @@ class CPSPair(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int, seed: int):
         super().__init__()
         torch.manual_seed(seed)
-        self.branch1 = build_model(cfg, num_classes)
+        self.branch1 = build_segmenter(cfg, num_classes)
         torch.manual_seed(seed + 1)
-        self.branch2 = build_model(cfg, num_classes)
+        self.branch2 = build_segmenter(cfg, num_classes)
 
     def forward(self, x: Tensor, branch: int):
         return (self.branch1 if branch == 1 else self.branch2)(x)
@@ -63,59 +50,50 @@ def rampup(step: int, iterations: int, fraction: float) -> float:
 
 
 def cps_terms(
-    pair: nn.Module, b: Batch, cps_weight: float, ohem: bool = False, over: losses.BatchReduction | None = None
+    pair: nn.Module, b: Batch, cps_weight: float, ohem: bool = False, batch_reduction: losses.BatchReduction | None = None
 ) -> dict[str, Tensor]:
+    """Both branches' supervised CE and the weighted CPS term on x_mix, whose pseudo labels each
+    branch makes from its own predictions on u0 and u1 mixed by m (as the official code does)."""
     with torch.no_grad():
-        pl_1 = mixed_pseudo_labels(pair(b.u0, 1).logits, pair(b.u1, 1).logits, b.m)
-        pl_2 = mixed_pseudo_labels(pair(b.u0, 2).logits, pair(b.u1, 2).logits, b.m)
-    sup = losses.ohem_cross_entropy if ohem else losses.supervised_loss
+        pl_1 = losses.mixed_pseudo_labels(pair(b.u0, 1).logits, pair(b.u1, 1).logits, b.m)
+        pl_2 = losses.mixed_pseudo_labels(pair(b.u0, 2).logits, pair(b.u1, 2).logits, b.m)
+    supervised = losses.ohem_cross_entropy if ohem else losses.supervised_loss
     x_mix = b.x_mix
     return {
-        "sup/branch1": sup(pair(b.x_l, 1).logits, b.y, over=over),
-        "sup/branch2": sup(pair(b.x_l, 2).logits, b.y, over=over),
+        "sup/branch1": supervised(pair(b.x_l, 1).logits, b.y, batch_reduction=batch_reduction),
+        "sup/branch2": supervised(pair(b.x_l, 2).logits, b.y, batch_reduction=batch_reduction),
         "cps": cps_weight
-        * (
-            losses.pixel_consistency_loss(pair(x_mix, 1).logits, pl_2, over=over)
-            + losses.pixel_consistency_loss(pair(x_mix, 2).logits, pl_1, over=over)
-        ),
+        * losses.cps_loss(pair(x_mix, 1).logits, pair(x_mix, 2).logits, pl_1, pl_2, batch_reduction=batch_reduction),
     }
 
 
 def run_cps_pair(
-    model_cfg: ModelConfig,
-    data_cfg: DataConfig,
-    optim: OptimConfig,
-    schedule: ScheduleConfig,
-    cps_weight: float,
-    ohem: bool,
-    role: str,
-    report: Reporter,
-    checkpoint_root: Path,
-    resume: dict[str, Any] | None,
-    cps_rampup: float = 0.0,
+    cfg: TeacherJobConfig, role: str, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None
 ) -> dict[str, float]:
+    """Train a CPS pair; export the better branch (by val mIoU) as ``role``."""
     env = dist_env()
-    data = load_job_data(data_cfg)
-    pair = wrap_model(CPSPair(model_cfg, data.num_classes, schedule.seed), env)
+    data = load_job_data(cfg.data)
+    pair = wrap_model(CPSPair(cfg.model, data.num_classes, cfg.schedule.seed), env)
     net = unwrap(pair)
-    over = global_batch(env)
+    batch_reduction = global_batch(env)
+
+    def step(b: Batch, k: int) -> dict[str, Tensor]:
+        weight = cfg.cps_weight * rampup(k, cfg.schedule.iterations, cfg.cps_rampup)
+        return cps_terms(pair, b, weight, cfg.ohem, batch_reduction)
 
     def export(metrics: dict[str, float]) -> tuple[DeepLabV3Plus, ModelConfig, str]:
         best = 1 if metrics["val/branch1/mIoU"] >= metrics["val/branch2/mIoU"] else 2
-        return (net.branch1 if best == 1 else net.branch2), model_cfg, f"{role}:branch{best}"
+        return (net.branch1 if best == 1 else net.branch2), cfg.model, f"{role}:branch{best}"
 
     spec = FitSpec(
         name=role,
         module=pair,
-        step=lambda b, step: cps_terms(pair, b, cps_weight * rampup(step, schedule.iterations, cps_rampup), ohem, over),
+        step=step,
         evaluated=lambda: {"branch1": net.branch1, "branch2": net.branch2},
         export=export,
     )
-    return fit(spec, data, data_cfg, optim, schedule, env, report, checkpoint_root, resume)
+    return fit(spec, JobContext(data, cfg.data, cfg.optim, cfg.schedule, env, report, checkpoint_root), resume)
 
 
 def run_teacher(cfg: TeacherJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None) -> dict[str, float]:
-    return run_cps_pair(
-        cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.cps_weight, cfg.ohem, "teacher", report, checkpoint_root, resume,
-        cfg.cps_rampup,
-    )
+    return run_cps_pair(cfg, "teacher", report, checkpoint_root, resume)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgd_ray.config import ModelConfig
 from mgd_ray.models.backbones import Backbone, Pretrained, build_backbone
 
 ASPP_RATES_OS16 = (6, 12, 18)
@@ -120,22 +121,33 @@ class DeepLabV3Plus(nn.Module):
 
 
 def build_segmenter(
-    backbone: str,
+    model: ModelConfig | str,
     num_classes: int,
-    output_stride: int = 16,
-    pretrained: Pretrained = False,
-    stem: str = "plain",
+    output_stride: int | None = None,
+    pretrained: Pretrained | None = None,
+    stem: str | None = None,
     aspp_rates: tuple[int, int, int] | None = None,
     low_level_proj: int = 48,
 ) -> DeepLabV3Plus:
-    """DeepLabv3+ on `backbone` (see build_backbone for output_stride, pretrained and stem).
+    """DeepLabv3+ for a ``ModelConfig`` (its backbone, output stride, stem and ``pretrained``), or for a
+    backbone name with the settings given here (output stride 16, plain stem, random init by default).
 
-    aspp_rates default to (6, 12, 18) scaled by 16 / output_stride (12/24/36 at 8, 3/6/9 at 32). The
-    official MobileNetV2 student ran at output stride 32 with rates (6, 12, 18) and low_level_proj=24.
+    See build_backbone for output_stride, pretrained and stem. ``pretrained=False`` with a config
+    skips its ImageNet weights where a checkpoint's weights replace them anyway. aspp_rates default
+    to (6, 12, 18) scaled by 16 / output_stride (12/24/36 at 8, 3/6/9 at 32). The official
+    MobileNetV2 student ran at output stride 32 with rates (6, 12, 18) and low_level_proj=24.
     """
+    if isinstance(model, ModelConfig):
+        if output_stride is not None or stem is not None:
+            raise TypeError("build_segmenter: output_stride and stem come from the ModelConfig; do not pass them too")
+        backbone, output_stride, stem = model.backbone, model.output_stride, model.stem
+        pretrained = model.pretrained if pretrained is None else pretrained
+    else:
+        backbone = model
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    net = build_backbone(backbone, output_stride, pretrained, stem)
+    output_stride = 16 if output_stride is None else output_stride
+    net = build_backbone(backbone, output_stride, pretrained or False, stem or "plain")
     if aspp_rates is None:
         r1, r2, r3 = (r * 16 // output_stride for r in ASPP_RATES_OS16)
         aspp_rates = (r1, r2, r3)

@@ -4,15 +4,18 @@ Their Ray Train path is the same wrapper every job kind goes through (tests/test
 teacher and KD there, tests/test_distributed.py compares Mean Teacher and CPS across workers).
 """
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mgd_ray.checkpoint import MODEL_FILE
 from mgd_ray.config import parse_job_config
-from mgd_ray.jobs.baselines import ema_update, run_baseline
-from mgd_ray.jobs.common import MODEL_FILE
+from mgd_ray.jobs.baselines import cwd_terms, ema_update, kd_terms, mean_teacher_terms, run_baseline, supervised_terms
+from mgd_ray.models.deeplab import build_segmenter
 
 
 def test_ema_update_by_hand():
@@ -51,3 +54,40 @@ def test_every_baseline_trains_reports_its_terms_and_exports(tiny_data_cfg, tiny
         role += ":branch1" if last["val/branch1/mIoU"] >= last["val/branch2/mIoU"] else ":branch2"
         assert last["val/mIoU"] == max(last["val/branch1/mIoU"], last["val/branch2/mIoU"])
     assert record["role"] == role and record["metrics"]["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def eval_student():
+    torch.manual_seed(8)
+    return build_segmenter("mobilenet_v2", 6).eval()
+
+
+def test_supervised_terms_are_the_labeled_ce(make_batch, eval_student):
+    b = make_batch(8)
+    with torch.no_grad():
+        terms = supervised_terms(eval_student, b)
+        expected = F.cross_entropy(eval_student(b.x_l).logits, b.y, ignore_index=255)
+    assert list(terms) == ["sup"] and terms["sup"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mean_teacher_terms_against_the_emas_mixed_predictions(make_batch, eval_student):
+    b = make_batch(9)
+    ema = copy.deepcopy(eval_student)
+    with torch.no_grad():
+        terms = mean_teacher_terms(eval_student, ema, b, weight=0.5)
+        target = eval_student(b.u0).logits * (1 - b.m) + eval_student(b.u1).logits * b.m
+        expected = ((eval_student(b.x_mix).logits.softmax(1) - target.softmax(1)) ** 2).mean()
+    assert list(terms) == ["sup", "mean_teacher"]
+    assert terms["mean_teacher"].item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
+    assert terms["mean_teacher"].item() > 0  # x_mix's prediction is not the mix of the predictions
+
+
+@pytest.mark.parametrize("terms_fn,name", [(kd_terms, "kd"), (cwd_terms, "cwd")])
+def test_logit_distillation_from_a_copy_of_the_student_is_zero(make_batch, eval_student, terms_fn, name):
+    b = make_batch(10)
+    with torch.no_grad():
+        terms = terms_fn(eval_student, copy.deepcopy(eval_student), b, weight=2.0, temperature=3.0)
+        sup = F.cross_entropy(eval_student(b.x_l).logits, b.y, ignore_index=255)
+    assert list(terms) == ["sup", name]
+    assert terms["sup"].item() == pytest.approx(sup.item(), rel=1e-6)
+    assert terms[name].item() == pytest.approx(0.0, abs=1e-5)

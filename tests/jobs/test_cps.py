@@ -23,9 +23,9 @@ def test_teacher_job_passes_the_ramped_weight_to_every_step(tiny_data_cfg, tiny_
     seen: list[float] = []
     real = cps.cps_terms
 
-    def spy(pair, b, cps_weight, ohem=False, over=None):
+    def spy(pair, b, cps_weight, ohem=False, batch_reduction=None):
         seen.append(cps_weight)
-        return real(pair, b, cps_weight, ohem, over)
+        return real(pair, b, cps_weight, ohem, batch_reduction)
 
     monkeypatch.setattr(cps, "cps_terms", spy)
     cfg = parse_job_config("teacher", {

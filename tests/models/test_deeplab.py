@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgd_ray.config import ModelConfig
 from mgd_ray.models.deeplab import ASPP, DeepLabV3Plus, SegmenterOutput, build_segmenter
 
 
@@ -158,3 +159,17 @@ def test_deterministic_construction():
 def test_invalid_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
         build_segmenter("resnet18", 0)
+
+
+def test_a_model_config_builds_the_same_network_as_its_fields():
+    cfg = ModelConfig(backbone="resnet18", output_stride=8, stem="deep")
+    torch.manual_seed(5)
+    a = build_segmenter(cfg, 4)
+    torch.manual_seed(5)
+    b = build_segmenter("resnet18", 4, output_stride=8, stem="deep")
+    assert a.output_stride == b.output_stride == 8 and a.stem == b.stem == "deep"
+    assert a.head.aspp.rates == (12, 24, 36)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(TypeError, match="come from the ModelConfig"):
+        build_segmenter(cfg, 4, output_stride=16)

@@ -13,27 +13,37 @@ import math
 import shutil
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.tracking import MlflowClient
+from torch.utils.benchmark import Timer
 
 from mgd_ray import tracking
 from mgd_ray.config import ModelConfig
+from mgd_ray.data.datasets import voc_palette
+from mgd_ray.data.stream import JobData, load_job_data
+from mgd_ray.export import export_onnx
+from mgd_ray.final_eval import example_predictions, load_examples, load_model
 from mgd_ray.models.complexity import count_flops, count_params
 from mgd_ray.models.deeplab import build_segmenter
+from mgd_ray.plots import overlay_grid, plot_miou_vs_cost
+from mgd_ray.study.plan import Plan
+from mgd_ray.study.search import optuna_study_from
 
 METRIC = "val/mIoU"
 
 
-def _child_runs(plan: Any) -> list[Any]:
+def _child_runs(plan: Plan) -> list[Any]:
     client = tracking.client_for(plan.tracking_uri)
     return client.search_runs(
         [plan.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=5000
     )
 
 
-def finalize_stopped(plan: Any) -> None:
+def finalize_stopped(plan: Plan) -> None:
     """Runs still running or interrupted after every stage succeeded were stopped early by ASHA.
 
     A run ASHA stopped keeps its real end: the time it was terminated, or, when its process was
@@ -50,7 +60,8 @@ def finalize_stopped(plan: Any) -> None:
                 client.set_terminated(run.info.run_id, "KILLED", end_time=max(stamps, default=None))
 
 
-def run_row(client: Any, run: Any) -> dict[str, Any]:
+def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
+    """One child run as the report sees it: kind, state, params, best val mIoU, evaluations."""
     history = tracking.metric_history(client, run.info.run_id, METRIC)
     tags = run.data.tags
     return {
@@ -68,12 +79,13 @@ def run_row(client: Any, run: Any) -> dict[str, Any]:
     }
 
 
-def collect(plan: Any) -> list[dict[str, Any]]:
+def collect(plan: Plan) -> list[dict[str, Any]]:
     client = tracking.client_for(plan.tracking_uri)
     return [run_row(client, r) for r in _child_runs(plan)]
 
 
-def best_trial_params(plan: Any) -> dict[str, Any]:
+def best_trial_params(plan: Plan) -> dict[str, Any]:
+    """The params of the finished search trial with the best val mIoU (the one the repeats re-run)."""
     finalize_stopped(plan)
     trials = [r for r in collect(plan) if r["kind"] == "trial" and r["miou"] is not None and r["state"] == "finished"]
     if not trials:
@@ -95,7 +107,7 @@ def fmt_ms(values: list[float]) -> str:
 def complexity(model: ModelConfig, num_classes: int, size: int) -> tuple[float, float]:
     """(params in M, GFLOPs at size×size) of a whole segmenter, counted on the meta device."""
     with torch.device("meta"):
-        net = build_segmenter(model.backbone, num_classes, model.output_stride, stem=model.stem)
+        net = build_segmenter(model, num_classes, pretrained=False)
     return count_params(net) / 1e6, count_flops(net, (size, size)) / 1e9
 
 
@@ -105,118 +117,170 @@ def latency_ms(model: ModelConfig, num_classes: int, size: int, reps: int = 5) -
     Measured where the report is written (the driver), with untrained weights: latency does not
     depend on them. ``torch.utils.benchmark`` handles warm-up and thread settings.
     """
-    from torch.utils.benchmark import Timer
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = build_segmenter(model.backbone, num_classes, model.output_stride, stem=model.stem).eval().to(device)
+    net = build_segmenter(model, num_classes, pretrained=False).eval().to(device)
     x = torch.zeros(1, 3, size, size, device=device)
     with torch.inference_mode():
         net(x)  # warm-up
         return 1000 * Timer("net(x)", globals={"net": net, "x": x}).timeit(reps).median
 
 
-def write_report(plan: Any, state: dict[str, Any]) -> Path:
-    """Write ``report.md`` (+ plots) under the study's folder and log them to the parent run."""
-    from mgd_ray.final_eval import job_data
+@dataclass
+class StudyResults:
+    """What the study's child runs in MLflow say, gathered once for every section."""
 
-    study = plan.study
-    client = tracking.client_for(plan.tracking_uri)
-    finalize_stopped(plan)
+    rows: list[dict[str, Any]]  # every child run (``run_row``)
+    trials: list[dict[str, Any]]  # the search trials, best first
+    best: dict[str, Any] | None  # the best finished trial
+    baselines: dict[str, list[float]]  # each baseline's best val mIoU, one per seed
+    mgd: list[float]  # the best trial's best val mIoU, then its repeats' on the other seeds
+
+
+def study_results(plan: Plan) -> StudyResults:
     rows = collect(plan)
-    data = job_data(study.data)
-    size = study.data.crop_size
     trials = sorted((r for r in rows if r["kind"] == "trial"), key=lambda r: -(r["miou"] or -1))
     finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
     best = finished[0] if finished else None
-
-    lines = [f"# Study `{study.name}`", "", study.description.strip(), ""]
-    lines += [f"MLflow: `{plan.tracking_uri}`, experiment `{study.experiment}`, parent run `{plan.parent_run_id}`.", ""]
-
-    # Teachers
-    teacher_rows = []
-    lines += ["## Teachers", "", "| teacher | backbone | source | val mIoU | params (M) | GFLOPs |", "|---|---|---|---|---|---|"]
-    for name, spec in study.teachers.items():
-        info = state.get("teachers", {}).get(name, {})
-        miou = None
-        if "run_id" in info:
-            hist = tracking.metric_history(client, info["run_id"], METRIC)
-            miou = max((v for _, v in hist), default=None)
-        p, g = complexity(spec.model, data.num_classes, size)
-        teacher_rows.append(
-            {
-                "name": f"teacher {name} ({spec.model.backbone})", "kind": "teacher", "miou": miou, "gflops": g,
-                "latency_ms": latency_ms(spec.model, data.num_classes, size),
-            }
-        )
-        lines.append(f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {p:.2f} | {g:.2f} |")
-    sp, sg = complexity(study.student, data.num_classes, size)
-    lines += ["", f"Student: {study.student.backbone}, {sp:.2f} M params, {sg:.2f} GFLOPs at {size}×{size}.", ""]
-    cache = state.get("teacher_cache") or {}
-    if cache.get("used"):
-        served = [r for r in rows if r["kind"] in ("trial", "repeat")]
-        hits = sum(1 for r in served if r.get("cache") == "hit")
-        size_text = (
-            f"{cache['bytes_per_epoch'] / 2**20:.2f} MiB per epoch ({cache['bytes_per_training_image'] / 1024:.1f} KiB per training image), "
-            f"built in {cache['seconds']:.0f} s"
-            if "bytes_per_epoch" in cache
-            else "reused from an earlier run of this study"
-        )
-        lines += [
-            f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs"
-            + (" (the others ran their teachers live: see their tag `mgd_ray.teacher_cache_reason`)." if hits < len(served) else "."),
-            "",
-        ]
-
-    # Baselines and the best configuration over seeds
-    lines += ["## MGD against the baselines (best val mIoU, mean ± std over seeds)", "", "| method | val mIoU (%) |", "|---|---|"]
-    summary: dict[str, list[float]] = {}
+    baselines: dict[str, list[float]] = {}
     for r in rows:
         if r["kind"] == "baseline" and r["miou"] is not None:
-            summary.setdefault(r["baseline"], []).append(r["miou"])
-    mgd_values: list[float] = []
+            baselines.setdefault(r["baseline"], []).append(r["miou"])
+    mgd: list[float] = []
     if best is not None:
-        mgd_values = [best["miou"]] + [
-            r["miou"] for r in rows if r["kind"] == "repeat" and r["params"] == best["params"] and r["miou"] is not None
-        ]
-    for name, values in summary.items():
-        lines.append(f"| {name} | {fmt_ms(values)} |")
-    lines.append(f"| MGD (best searched configuration) | {fmt_ms(mgd_values)} |")
-    searched = sum(r["miou"] is not None for r in trials)
-    lines += ["", _verdict(mgd_values, summary, teacher_rows, searched), ""]
+        repeats = [r["miou"] for r in rows if r["kind"] == "repeat" and r["params"] == best["params"] and r["miou"] is not None]
+        mgd = [best["miou"], *repeats]
+    return StudyResults(rows, trials, best, baselines, mgd)
 
-    # Trials
-    names = sorted({k for r in trials for k in r["params"]})
-    lines += ["## Search trials", "", "| trial | " + " | ".join(names) + " | best val mIoU | evaluations | state |"]
-    lines.append("|---" * (len(names) + 4) + "|")
-    for r in trials:
-        vals = " | ".join(_fmt(r["params"].get(k)) for k in names)
-        lines.append(f"| {r['name']} | {vals} | {_pct(r['miou'])} | {r['evals']} | {r['state']} |")
-    if best is not None:
-        lines += ["", f"Best configuration: `{json.dumps(best['params'], sort_keys=True)}` ({_pct(best['miou'])} %).", ""]
 
+def write_report(plan: Plan, state: dict[str, Any]) -> Path:
+    """Write ``report.md`` (+ plots) under the study's folder and log them to the parent run."""
+    study = plan.study
+    client = tracking.client_for(plan.tracking_uri)
+    finalize_stopped(plan)
+    results = study_results(plan)
+    data = load_job_data(study.data)
+    size = study.data.crop_size
+    student_params, student_gflops = complexity(study.student, data.num_classes, size)
+    lines = _header_section(plan)
+    teacher_lines, teachers = _teachers_section(plan, state, data.num_classes)
+    lines += teacher_lines
+    lines += _student_section(plan, state, results, student_params, student_gflops)
+    lines += _comparison_section(results, teachers)
+    lines += _trials_section(results)
     out_dir = plan.root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    pictures = _plots(plan, rows, trials, summary, teacher_rows, (sg, latency_ms(study.student, data.num_classes, size)), out_dir)
+    student_cost = (student_gflops, latency_ms(study.student, data.num_classes, size))
+    pictures = _plots(plan, results, teachers, student_cost, out_dir)
     if pictures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pictures] + [""]
-    if best is not None:
-        page = _prediction_page(plan, best, rows, data, out_dir)
+    if results.best is not None:
+        best_lines, page = _best_student_section(plan, results, data, out_dir, student_params, student_gflops)
+        lines += best_lines
         pictures.append(page)
-        lines += ["## Predictions on fixed val images", "", f"![{page.stem}]({page.name})", ""]
-        uri = _log_best(plan, best, sp, sg, data.num_classes)
-        onnx = (
-            "with its ONNX export beside it (`best_student_onnx/best_student.onnx`)"
-            if study.report.onnx
-            else f"export it with `mgd-ray export {uri} --format onnx --out best_student.onnx --tracking-uri {plan.tracking_uri}`"
-        )
-        lines += [f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`); {onnx}.", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     tracking.log_files(client, plan.parent_run_id, [report, *pictures], "report")
-    if best is not None:
-        tracking.log_metrics(client, plan.parent_run_id, {"best/val_mIoU": best["miou"]}, step=0)
+    if results.best is not None:
+        tracking.log_metrics(client, plan.parent_run_id, {"best/val_mIoU": results.best["miou"]}, step=0)
     print("\n".join(lines))
     return report
+
+
+def _header_section(plan: Plan) -> list[str]:
+    study = plan.study
+    return [
+        f"# Study `{study.name}`",
+        "",
+        study.description.strip(),
+        "",
+        f"MLflow: `{plan.tracking_uri}`, experiment `{study.experiment}`, parent run `{plan.parent_run_id}`.",
+        "",
+    ]
+
+
+def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """The teachers' table, and each teacher as a point of the mIoU–cost figures."""
+    client = tracking.client_for(plan.tracking_uri)
+    size = plan.study.data.crop_size
+    lines = ["## Teachers", "", "| teacher | backbone | source | val mIoU | params (M) | GFLOPs |", "|---|---|---|---|---|---|"]
+    points = []
+    for name, spec in plan.study.teachers.items():
+        info = state.get("teachers", {}).get(name, {})
+        miou = None
+        if "run_id" in info:
+            history = tracking.metric_history(client, info["run_id"], METRIC)
+            miou = max((v for _, v in history), default=None)
+        params_m, gflops = complexity(spec.model, num_classes, size)
+        points.append(
+            {
+                "name": f"teacher {name} ({spec.model.backbone})",
+                "kind": "teacher",
+                "miou": miou,
+                "gflops": gflops,
+                "latency_ms": latency_ms(spec.model, num_classes, size),
+            }
+        )
+        lines.append(f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {params_m:.2f} | {gflops:.2f} |")
+    return lines, points
+
+
+def _student_section(plan: Plan, state: dict[str, Any], results: StudyResults, params_m: float, gflops: float) -> list[str]:
+    """The student's size, and what the teacher-signal cache cost and served."""
+    study = plan.study
+    size = study.data.crop_size
+    lines = ["", f"Student: {study.student.backbone}, {params_m:.2f} M params, {gflops:.2f} GFLOPs at {size}×{size}.", ""]
+    cache = state.get("teacher_cache") or {}
+    if not cache.get("used"):
+        return lines
+    served = [r for r in results.rows if r["kind"] in ("trial", "repeat")]
+    hits = sum(1 for r in served if r.get("cache") == "hit")
+    if "bytes_per_epoch" in cache:
+        size_text = (
+            f"{cache['bytes_per_epoch'] / 2**20:.2f} MiB per epoch ({cache['bytes_per_training_image'] / 1024:.1f} KiB per "
+            f"training image), built in {cache['seconds']:.0f} s"
+        )
+    else:
+        size_text = "reused from an earlier run of this study"
+    live = " (the others ran their teachers live: see their tag `mgd_ray.teacher_cache_reason`)." if hits < len(served) else "."
+    return lines + [f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs" + live, ""]
+
+
+def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -> list[str]:
+    """MGD's best configuration against each baseline, mean ± std over seeds, and the verdict."""
+    lines = ["## MGD against the baselines (best val mIoU, mean ± std over seeds)", "", "| method | val mIoU (%) |", "|---|---|"]
+    lines += [f"| {name} | {fmt_ms(values)} |" for name, values in results.baselines.items()]
+    lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} |")
+    searched = sum(r["miou"] is not None for r in results.trials)
+    return lines + ["", _verdict(results.mgd, results.baselines, teachers, searched), ""]
+
+
+def _trials_section(results: StudyResults) -> list[str]:
+    """One row per search trial: its parameters, best val mIoU, evaluations and state."""
+    names = sorted({k for r in results.trials for k in r["params"]})
+    lines = ["## Search trials", "", "| trial | " + " | ".join(names) + " | best val mIoU | evaluations | state |"]
+    lines.append("|---" * (len(names) + 4) + "|")
+    for r in results.trials:
+        values = " | ".join(_fmt(r["params"].get(k)) for k in names)
+        lines.append(f"| {r['name']} | {values} | {_pct(r['miou'])} | {r['evals']} | {r['state']} |")
+    best = results.best
+    if best is not None:
+        lines += ["", f"Best configuration: `{json.dumps(best['params'], sort_keys=True)}` ({_pct(best['miou'])} %).", ""]
+    return lines
+
+
+def _best_student_section(
+    plan: Plan, results: StudyResults, data: JobData, out_dir: Path, params_m: float, gflops: float
+) -> tuple[list[str], Path]:
+    """The prediction page, and the best student registered in MLflow (and exported to ONNX if asked)."""
+    assert results.best is not None
+    page = _prediction_page(plan, results.best, results.rows, data, out_dir)
+    uri = _log_best(plan, results.best, params_m, gflops, data.num_classes)
+    if plan.study.report.onnx:
+        onnx = "with its ONNX export beside it (`best_student_onnx/best_student.onnx`)"
+    else:
+        onnx = f"export it with `mgd-ray export {uri} --format onnx --out best_student.onnx --tracking-uri {plan.tracking_uri}`"
+    lines = ["## Predictions on fixed val images", "", f"![{page.stem}]({page.name})", ""]
+    return lines + [f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`); {onnx}.", ""], page
 
 
 def _verdict(mgd: list[float], baselines: dict[str, list[float]], teachers: list[dict[str, Any]], searched: int = 1) -> str:
@@ -252,15 +316,14 @@ def _verdict(mgd: list[float], baselines: dict[str, list[float]], teachers: list
     return " ".join(out)
 
 
-def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, student_cost: tuple[float, float], out: Path) -> list[Path]:
+def _plots(
+    plan: Plan, results: StudyResults, teachers: list[dict[str, Any]], student_cost: tuple[float, float], out: Path
+) -> list[Path]:
     """The paper's Fig. 1 for this study (mIoU against GFLOPs and against measured latency), Optuna's plots."""
-    from mgd_ray.plots import plot_miou_vs_cost
-    from mgd_ray.study_search import optuna_study_from
-
     pictures = []
     cost = {"gflops": student_cost[0], "latency_ms": student_cost[1]}
-    points = [{"name": r["name"], "kind": "trial", "miou": r["miou"]} | cost for r in trials if r["miou"] is not None]
-    points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0]} | cost for n, v in summary.items()]
+    points = [{"name": r["name"], "kind": "trial", "miou": r["miou"]} | cost for r in results.trials if r["miou"] is not None]
+    points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0]} | cost for n, v in results.baselines.items()]
     points += [t for t in teachers if t["miou"] is not None]
     if points:
         size = plan.study.data.crop_size
@@ -272,8 +335,9 @@ def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, s
             path = out / f"miou_vs_{key.removesuffix('_ms')}.png"
             plot_miou_vs_cost(points, path, cost_key=key, title=title)
             pictures.append(path)
-    ostudy = optuna_study_from(trials, plan.study.search)
+    ostudy = optuna_study_from(results.trials, plan.study.search)
     if len(ostudy.trials) >= 2:
+        # Optuna draws with pyplot: a file backend, chosen here rather than for whoever imports mgd_ray.
         import matplotlib
 
         matplotlib.use("Agg")
@@ -293,47 +357,39 @@ def _plots(plan: Any, rows: list, trials: list, summary: dict, teachers: list, s
     return pictures
 
 
-def _prediction_page(plan: Any, best: dict[str, Any], rows: list[dict[str, Any]], data: Any, out: Path) -> Path:
+def _prediction_page(plan: Plan, best: dict[str, Any], rows: list[dict[str, Any]], data: JobData, out: Path) -> Path:
     """image | ground truth | best student | Sup-only | teachers, on the first val images."""
-    from mgd_ray.data.datasets import voc_palette
-    from mgd_ray.final_eval import example_predictions, load_examples
-    from mgd_ray.plots import overlay_grid
-
     models = {"best MGD student": tracking.download_checkpoint(plan.tracking_uri, best["run_id"], out / "_models" / "best")}
     sup = [r for r in rows if r["kind"] == "baseline" and r["baseline"] == "supervised" and r["state"] == "finished"]
     if sup:
         models["Sup-only"] = tracking.download_checkpoint(plan.tracking_uri, sup[0]["run_id"], out / "_models" / "sup")
     images, truths, preds = example_predictions(models, data)
-    if plan.teacher_examples is not None:  # the teachers' columns, drawn once per study (study.write_teacher_examples)
+    if plan.teacher_examples is not None:  # the teachers' columns, drawn once per study (stages.write_teacher_examples)
         preds |= {f"teacher {n}": maps for n, maps in load_examples(plan.teacher_examples)[2].items()}
     page = overlay_grid({"ground truth": truths} | preds, images, voc_palette(256), out / "predictions.png")
     shutil.rmtree(out / "_models", ignore_errors=True)
     return page
 
 
-def _log_best(plan: Any, best: dict[str, Any], params_m: float, gflops: float, num_classes: int) -> str:
-    from mgd_ray.final_eval import load_model
-
+def _log_best(plan: Plan, best: dict[str, Any], params_m: float, gflops: float, num_classes: int) -> str:
+    """Log the best student's checkpoint (and ONNX export) to the parent run; register it with a model card."""
     client = tracking.client_for(plan.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(plan.tracking_uri, best["run_id"], Path(tmp))
         model = load_model(ckpt, num_classes, "best student")
         tracking.log_files(client, plan.parent_run_id, [ckpt], "best_student_checkpoint")
         if plan.study.report.onnx:
-            from mgd_ray.export import export_onnx
-
             onnx_file = export_onnx(ckpt, Path(tmp) / "best_student.onnx")
             tracking.log_files(client, plan.parent_run_id, [onnx_file], "best_student_onnx")
-    s = plan.study
+    study = plan.study
+    teachers = ", ".join(f"{name}={spec.model.backbone}" for name, spec in study.teachers.items())
     card = (
-        f"MGD student {s.student.backbone} distilled from {', '.join(f'{n}={t.model.backbone}' for n, t in s.teachers.items())}\n"
-        f"dataset {s.data.dataset}, partition {s.data.partition} ({s.data.protocol}); val mIoU {100 * best['miou']:.2f}\n"
-        f"params {params_m:.2f} M, {gflops:.2f} GFLOPs at {s.data.crop_size}^2; study {s.name}, "
+        f"MGD student {study.student.backbone} distilled from {teachers}\n"
+        f"dataset {study.data.dataset}, partition {study.data.partition} ({study.data.protocol}); val mIoU {100 * best['miou']:.2f}\n"
+        f"params {params_m:.2f} M, {gflops:.2f} GFLOPs at {study.data.crop_size}^2; study {study.name}, "
         f"trial run {best['run_id']}, config {json.dumps(best['params'], sort_keys=True)}"
     )
-    return tracking.log_served_model(
-        plan.tracking_uri, plan.parent_run_id, model, s.data.crop_size, f"{s.name}-student", card
-    )
+    return tracking.log_served_model(plan.tracking_uri, plan.parent_run_id, model, study.data.crop_size, f"{study.name}-student", card)
 
 
 def _pct(v: float | None) -> str:

@@ -39,11 +39,11 @@ from mgd_ray.config import (
 from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
-from mgd_ray.study import Plan, baseline_job, distill_job, teacher_job
-from mgd_ray.study_config import FloatRange, IntRange, StudyConfig, load_study, smoke
-from mgd_ray.study_search import make_sampler, optuna_distributions
+from mgd_ray.study.config import FloatRange, IntRange, StudyConfig, load_study
+from mgd_ray.study.plan import Plan, baseline_job, distill_job, smoke, teacher_job
+from mgd_ray.study.search import make_sampler, optuna_distributions
 
-STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
 PAPER_STUDIES = [p for p in STUDIES if p.stem.startswith("paper_")]
 # Smoke's schedule (4 iterations, evaluation every 2) cut to one evaluation after 2 steps.
 TINY = {"iterations": 2, "eval_every": 2}
@@ -118,7 +118,7 @@ def runner(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # The resume state (model + optimiser) is not under test here and is the largest file a job
         # writes; the exported model.pt, which students load their teachers from, is still written.
-        mp.setattr("mgd_ray.jobs.common.save_state", lambda directory, state: directory.mkdir(parents=True, exist_ok=True))
+        mp.setattr("mgd_ray.jobs.loop.save_state", lambda directory, state: directory.mkdir(parents=True, exist_ok=True))
         yield JobRunner(tmp_path_factory.mktemp("jobs"))
     torch.set_num_threads(threads)
 
@@ -157,7 +157,7 @@ def covering_params(study: StudyConfig) -> list[dict[str, Any]]:
 
 
 def test_covering_params_use_every_value():
-    study = load_study(Path(__file__).parent.parent / "studies" / "search_open.yaml")
+    study = load_study(Path(__file__).parents[2] / "studies" / "search_open.yaml")
     trials = covering_params(study)
     assert len(trials) == 4  # the four teacher pairs; lambda and pool ranges at both ends
     assert {t["pool_size"] for t in trials} == {3, 11}

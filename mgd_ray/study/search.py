@@ -8,7 +8,7 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from mgd_ray.study_config import FloatRange, IntRange, SearchSpace, StudyConfig
+from mgd_ray.study.config import FloatRange, IntRange, SearchSpace, StudyConfig
 
 METRIC = "val/mIoU"
 

@@ -1,4 +1,4 @@
-"""The optimiser, LR schedule, data streams and checkpoints every job shares."""
+"""The training loop every job shares: optimiser, LR schedule, checkpoints."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 
 from mgd_ray.config import OptimConfig, parse_job_config
 from mgd_ray.distributed import DistEnv
-from mgd_ray.jobs.common import SeededView, derive_seed, make_optimizer
+from mgd_ray.jobs.loop import make_optimizer
 
 
 @pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
@@ -64,31 +64,9 @@ def test_fused_optimizer_follows_the_per_tensor_update(name, kwargs):
         assert (a.detach() - s).abs().max() > 0.05  # the parameters really moved
 
 
-class _RandomItems(torch.utils.data.Dataset):
-    """Each item is three draws from the global CPU generator, as a random augmentation makes."""
-
-    def __len__(self) -> int:
-        return 5
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.rand(3)
-
-
-def test_seeded_view_items_are_a_function_of_seed_epoch_and_index():
-    view = SeededView(_RandomItems(), seed=7)
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    item = view[(2, 4)]
-    # The caller's stream is untouched, and the item is what that seed draws (independent reference).
-    assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(item, torch.rand(3, generator=torch.Generator().manual_seed(derive_seed(7, 2, 4))))
-    assert torch.equal(view[(2, 4)], item)
-    assert not torch.equal(view[(3, 4)], item) and not torch.equal(view[(2, 3)], item)
-
-
 def test_last_checkpoint_keeps_model_and_history_only_and_resumes_with_nothing_to_train(tiny_data_cfg, tiny_schedule, tmp_path):
+    from mgd_ray.checkpoint import MODEL_FILE, STATE_FILE, load_state
     from mgd_ray.jobs.baselines import run_baseline
-    from mgd_ray.jobs.common import MODEL_FILE, STATE_FILE, load_state
 
     cfg = parse_job_config("baseline", {"method": "supervised", "data": tiny_data_cfg, "schedule": tiny_schedule})
     reports: list[tuple[dict, Path]] = []

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 from mlflow.entities import Metric
 
 from mgd_ray import tracking
-from mgd_ray.report import _verdict, finalize_stopped
+from mgd_ray.study.report import _verdict, finalize_stopped
 
 
 def test_stopped_runs_keep_their_real_end_time(tmp_path):

@@ -7,10 +7,11 @@ import yaml
 
 from mgd_ray.cli import main
 from mgd_ray.config import ConfigError
-from mgd_ray.study_config import load_study, parse_study, smoke
-from mgd_ray.study_search import make_scheduler, optuna_distributions
+from mgd_ray.study.config import load_study, parse_study
+from mgd_ray.study.plan import smoke
+from mgd_ray.study.search import make_scheduler, optuna_distributions
 
-STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
 MINIMAL = {"name": "s", "teachers": {"T_D": {"model": {"backbone": "resnet50"}}, "T_W": {"model": {"backbone": "wide_resnet50_2"}}}}
 
 

@@ -214,26 +214,25 @@ class Resources(Strict):
 
 
 class RayTrainOptions(Strict):
-    """How often a Ray Train controller looks at its workers, and whether it watches for preemption.
+    """How often a Ray Train controller looks at its workers, whether it watches for preemption, and
+    whether 1-worker jobs run in their Tune trial's own process.
 
-    A controller notices a finished worker group only at a health check, so a short job waits after
-    its last step: measured here, a no-op job's ``fit()`` returned 5 s after its last report at
-    Ray's default (2 s), 1 s at 0.2 s; nothing for an hour-long job, a few % of a two-minute one.
-    The preemption watcher is one more actor per job; it matters only on
-    clusters with spot/preemptible nodes. Ray reads both from the environment of the process that
-    starts a ``TorchTrainer``, which the study sets from these fields.
+    A controller notices a finished worker group only at a health check, so a short job waits up to
+    one interval after its last step. The preemption watcher is one more actor per job; it matters
+    only on clusters with spot/preemptible nodes. Ray reads both from the environment of the process
+    that starts a ``TorchTrainer``, which the study sets from these fields.
+
+    ``in_trial`` runs every job (teachers, baselines, search, repeats) of a 1-worker study in the
+    Tune trial's own process: Ray Train's local mode (``ScalingConfig(num_workers=0)``, same
+    ``ray.train`` API), so a job starts no controller, worker or helper actors, each a new Python
+    process importing torch. The trial then reserves the worker's CPUs/GPUs itself, reports and
+    checkpoints through Tune (a resumed study continues a trial from its last evaluation), and Tune
+    retries a failed trial once. Needs ``resources.workers: 1``; teachers run so too unless
+    ``teacher_resources`` asks for more workers. The README's Benchmarks section has the figures.
     """
 
     health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0
     preemption_watcher: bool = True
-    # Run every job (teachers, baselines, search, repeats) of a 1-worker study in the Tune trial's own
-    # process: Ray Train's local mode (``ScalingConfig(num_workers=0)``, same ``ray.train`` API), so
-    # a job starts no controller, worker or helper actors (each a new Python process importing torch:
-    # about 20 CPU-seconds per job here, a third of a quickstart trial). The trial then reserves the
-    # worker's CPUs/GPUs itself, reports and checkpoints through Tune (a resumed study continues a
-    # trial from its last evaluation), and Tune retries a failed trial once. Needs
-    # ``resources.workers: 1``; teachers run so too unless ``teacher_resources`` asks for more workers
-    # (measured here: a 1-worker CPS teacher beside another ran ~2x slower as a Train worker group).
     in_trial: bool = False
 
     def env_vars(self) -> dict[str, str]:
@@ -247,9 +246,8 @@ class ReportOptions(Strict):
     """What the end-of-study report adds besides its tables and figures.
 
     ``onnx``: log an ONNX export of the best student beside its MLflow model. torch.onnx's exporter
-    (``torch.export`` with dynamic batch/height/width) takes ~40 s of CPU even for a MobileNetV2, a
-    tenth of a laptop study; ``mgd-ray export models:/<study>-student/<version>`` makes the same
-    file later.
+    (``torch.export`` with dynamic batch/height/width) is slow on a CPU, a noticeable part of a
+    laptop study; ``mgd-ray export models:/<study>-student/<version>`` makes the same file later.
     """
 
     onnx: bool = True
@@ -378,43 +376,3 @@ def parse_study(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
 
 def load_study(path: Path | str) -> StudyConfig:
     return parse_study(read_yaml_mapping(path, "study file"), str(path))
-
-
-def smoke(study: StudyConfig) -> StudyConfig:
-    """The same study shrunk to seconds: tiny built-in data, 4 iterations, 2 trials, one seed.
-
-    Used by ``mgd-ray run --smoke`` and the tests that dry-run every study file in the repository.
-    """
-    tiny_schedule = ScheduleConfig(iterations=4, eval_every=2, batch_labeled=2, batch_unlabeled=2, eval_batch=4)
-    data = DataConfig(
-        dataset="builtin",
-        root=Path(study.storage_path) / "smoke_data",
-        partition=study.data.partition,
-        builtin={"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
-        crop_size=32,
-        scales=(1.0,),
-    )
-    small = {"resnet101": "resnet18", "resnet50": "resnet18", "wide_resnet50_2": "resnet18", "resnet34": "resnet18"}
-
-    def shrink(model: ModelConfig) -> ModelConfig:
-        return model.model_copy(update={"backbone": small.get(model.backbone, model.backbone), "pretrained": None})
-
-    teachers = {
-        name: TeacherSpec(model=shrink(t.model), recipe=TeacherRecipe(schedule=tiny_schedule))
-        for name, t in study.teachers.items()
-    }
-    search = study.search.model_copy(update={"iterations": None})
-    return study.model_copy(
-        update={
-            "name": f"{study.name}-smoke",
-            "data": data,
-            "teachers": teachers,
-            "student": shrink(study.student),
-            "schedule": tiny_schedule,
-            "search": search,
-            "searcher": study.searcher.model_copy(update={"num_samples": 2, "max_concurrent": 2}),
-            "seeds": study.seeds[:1],
-            "resources": Resources(),
-            "teacher_resources": None,
-        }
-    )

@@ -1,0 +1,233 @@
+"""A job's data: the datasets of its manifest, and the seeded stream of batches every step draws.
+
+Data order, augmentation and CutMix masks are functions of (seed, epoch, index) and (seed, step)
+only, never of the global RNG or of the process that loads them. So a resumed job continues the
+same schedule, N workers see exactly the samples one worker would, and every trial of a study
+draws the same batches (which is what lets the teacher-signal cache serve them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset
+
+from mgd_ray.config import DataConfig, ScheduleConfig
+from mgd_ray.data.datasets import IGNORE_INDEX, SegmentationDataset
+from mgd_ray.data.partitions import (
+    cityscapes_manifest,
+    manifest_meta,
+    prepare_builtin,
+    prepare_folder,
+    read_manifest,
+    voc_manifest,
+    write_manifest,
+)
+from mgd_ray.data.transforms import box_mask, cutmix, eval_transform, train_transform
+from mgd_ray.distributed import DistEnv
+
+ConfigWithData = TypeVar("ConfigWithData", bound=BaseModel)
+
+
+# ---------------------------------------------------------------------------- the job's datasets
+@dataclass
+class JobData:
+    """The datasets of a job, built from the Parquet manifest every worker reads."""
+
+    labeled: SegmentationDataset
+    unlabeled: SegmentationDataset
+    val: SegmentationDataset
+    num_classes: int
+    class_names: list[str]
+    manifest: Path
+    dataset: str = "folder"  # the manifest's dataset name: builtin, voc, cityscapes or folder
+
+
+def prepare_manifest(cfg: DataConfig) -> Path:
+    """The Parquet manifest of the configured dataset + partition, built if needed.
+
+    Built once by the driver; every worker then reads the same file (``cfg.manifest``).
+    """
+    if cfg.manifest is not None:
+        return cfg.manifest
+    root = Path(cfg.root)
+    if cfg.dataset == "builtin":
+        size = cfg.builtin
+        return prepare_builtin(
+            root,
+            cfg.partition_seed,
+            cfg.partition,
+            num_train=size.num_train,
+            num_val=size.num_val,
+            size=size.size,
+            num_classes=size.num_classes,
+        )
+    if cfg.dataset == "folder":
+        return prepare_folder(root, cfg.partition, cfg.partition_seed)
+    if cfg.dataset == "voc":
+        table = voc_manifest(root, cfg.protocol, cfg.partition)
+    else:
+        table = cityscapes_manifest(root, cfg.partition)
+    name = f"manifest_{cfg.dataset}_{cfg.protocol}_{cfg.partition.replace('/', '-')}.parquet"
+    return write_manifest(table, root / name)
+
+
+def with_manifest(cfg: ConfigWithData) -> ConfigWithData:
+    """A copy of a job or study config whose ``data.manifest`` names its prepared manifest."""
+    data: DataConfig = cfg.data  # type: ignore[attr-defined]
+    return cfg.model_copy(update={"data": data.model_copy(update={"manifest": prepare_manifest(data)})})
+
+
+def load_job_data(cfg: DataConfig) -> JobData:
+    manifest = prepare_manifest(cfg)
+    table = read_manifest(manifest)
+    meta = manifest_meta(table)
+    num_classes = int(meta["num_classes"])
+    train_tf = train_transform(cfg.crop_size, cfg.scales)
+    return JobData(
+        labeled=SegmentationDataset(table, "labeled", num_classes, train_tf),
+        unlabeled=SegmentationDataset(table, "unlabeled", num_classes, train_tf),
+        val=SegmentationDataset(table, "val", num_classes, eval_transform()),
+        num_classes=num_classes,
+        class_names=list(meta["class_names"]),
+        manifest=manifest,
+        dataset=str(meta["dataset"]),
+    )
+
+
+def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch images of different sizes: pad bottom/right, images with 0, labels with 255."""
+    h = max(it["image"].shape[-2] for it in items)
+    w = max(it["image"].shape[-1] for it in items)
+    images = torch.stack([F.pad(it["image"], (0, w - it["image"].shape[-1], 0, h - it["image"].shape[-2])) for it in items])
+    labels = torch.stack(
+        [
+            F.pad(it["label"], (0, w - it["label"].shape[-1], 0, h - it["label"].shape[-2]), value=IGNORE_INDEX)
+            for it in items
+        ]
+    )
+    return {"image": images, "label": labels, "id": [it["id"] for it in items]}
+
+
+# ---------------------------------------------------------------------------- seeded streams
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (stable across processes, unlike ``hash``)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class SeededView(Dataset):
+    """Items keyed by (epoch, index): augmentation randomness is a function of (seed, epoch, index).
+
+    So a sample looks the same whatever the rank, loader worker or restart that loads it — the
+    property that makes resumed runs continue the same schedule and lets trials share teachers'
+    signals.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator alone: the transforms draw nothing else. ``torch.manual_seed`` would
+            # also queue a lazy CUDA seeding that formats the caller's stack trace, as costly inside
+            # a Ray worker as decoding and augmenting the sample.
+            torch.default_generator.manual_seed(derive_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class StreamBatches:
+    """Batches of keys for steps start_step, start_step+1, ... of one rank, forever.
+
+    The global stream is the concatenation of per-epoch permutations (seeded by (seed, epoch));
+    step k on rank r takes positions [(k·W + r)·B, (k·W + r + 1)·B). Small labeled sets simply
+    wrap into their next epoch, as the official loaders repeat the labeled list.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int, world: int, start_step: int = 0):
+        if n == 0:
+            raise ValueError("StreamBatches: the dataset is empty")
+        self.n, self.batch, self.seed = n, batch, seed
+        self.rank, self.world, self.start_step = rank, world, start_step
+        self._perms: dict[int, list[int]] = {}
+
+    def _at(self, pos: int) -> tuple[int, int]:
+        epoch, i = divmod(pos, self.n)
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            self._perms = {epoch: torch.randperm(self.n, generator=generator).tolist()}
+        return epoch, self._perms[epoch][i]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            first = (step * self.world + self.rank) * self.batch
+            yield [self._at(p) for p in range(first, first + self.batch)]
+            step += 1
+
+
+def stream(
+    dataset: Dataset, batch: int, seed: int, env: DistEnv, start_step: int, workers: int
+) -> Iterator[dict[str, Any]]:
+    """An endless iterator of collated batches for this rank, starting at ``start_step``."""
+    sampler = StreamBatches(len(dataset), batch, seed, env.rank, env.world_size, start_step)  # type: ignore[arg-type]
+    loader = DataLoader(
+        SeededView(dataset, seed), batch_sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda"
+    )
+    return iter(loader)
+
+
+@dataclass
+class Batch:
+    """One step's inputs, named as in the method section."""
+
+    x_l: torch.Tensor
+    y: torch.Tensor
+    u0: torch.Tensor | None = None
+    u1: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+
+    @property
+    def x_mix(self) -> torch.Tensor:
+        """CutMix of the two unlabeled batches: u0·(1−m) + u1·m."""
+        return cutmix(self.u0, self.u1, self.m)
+
+
+def batches(
+    data: JobData, schedule: ScheduleConfig, workers: int, env: DistEnv, start: int, unlabeled: bool
+) -> Iterator[Batch]:
+    """Labeled batch, and two independently drawn unlabeled batches with a CutMix mask, per step.
+
+    The two unlabeled streams have different seeds, unlike the official loaders whose shared
+    sampler seed often mixes two views of one image (method notes).
+    """
+    seed = schedule.seed
+    lab = stream(data.labeled, schedule.batch_labeled, derive_seed(seed, 0), env, start, workers)
+    u0s = u1s = None
+    if unlabeled:
+        u0s = stream(data.unlabeled, schedule.batch_unlabeled, derive_seed(seed, 1), env, start, workers)
+        u1s = stream(data.unlabeled, schedule.batch_unlabeled, derive_seed(seed, 2), env, start, workers)
+    step = start
+    while True:
+        b = next(lab)
+        batch = Batch(b["image"].to(env.device, non_blocking=True), b["label"].to(env.device, non_blocking=True))
+        if u0s is not None and u1s is not None:
+            batch.u0 = next(u0s)["image"].to(env.device, non_blocking=True)
+            batch.u1 = next(u1s)["image"].to(env.device, non_blocking=True)
+            n, _, h, w = batch.u0.shape
+            # Masks are drawn for the global batch and sliced, so N workers see the masks one worker would.
+            gen = torch.Generator().manual_seed(derive_seed(seed, 3, step))
+            batch.m = box_mask(n * env.world_size, h, w, gen)[env.rank * n : (env.rank + 1) * n].to(env.device)
+        yield batch
+        step += 1

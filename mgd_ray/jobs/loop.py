@@ -1,0 +1,246 @@
+"""The training loop every job shares: optimiser and schedule, progress, evaluation, checkpoints.
+
+Jobs are plain functions of a typed config, a ``Reporter`` and an optional checkpoint to resume
+from; they know nothing of Ray, so the same loop runs under Ray Train (``mgd_ray.train``), under
+torchrun, or in a test. A job describes itself to ``fit`` with a ``FitSpec``: the module to
+optimise, the loss terms of one step, the networks to evaluate and the one to export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mgd_ray.checkpoint import MODEL_FILE, save_state, segmenter_record
+from mgd_ray.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
+from mgd_ray.data.stream import Batch, JobData, batches
+from mgd_ray.distributed import DistEnv, all_reduce_mean, replica_spread, unwrap
+from mgd_ray.metrics import ConfusionMatrix, eval_metrics, evaluate
+
+# Reporter(metrics, checkpoint_dir or None): called on every rank at every evaluation.
+Reporter = Callable[[dict[str, Any], Path | None], None]
+StepFn = Callable[[Batch, int], dict[str, torch.Tensor]]
+
+
+def make_optimizer(
+    params: Any, cfg: OptimConfig, iterations: int, env: DistEnv
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (or AdamW) + poly LR (power 0.9, no warm-up), base LR × world size as the official code scales it."""
+    lr = cfg.lr * (env.world_size if cfg.scale_lr_with_world_size else 1)
+    # The fused kernels (CPU and CUDA) compute the same update as the per-tensor loop, within
+    # floating-point tolerance, in one pass over all parameters.
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power)
+    return opt, sched
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Progress:
+    """A progress line every ``every`` steps on rank 0: step, loss terms, images/s, ETA."""
+
+    def __init__(self, name: str, total: int, start: int, env: DistEnv, lines: int = 20):
+        self.name, self.total, self.start, self.env = name, total, start, env
+        self.every = max(1, total // lines)
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        if not self.env.is_main or (step % self.every and step != self.total):
+            return
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        loss_text = " ".join(f"{k}={v:.4f}" for k, v in terms.items() if math.isfinite(v))
+        print(f"[{self.name}] step {step}/{self.total} {loss_text} eta {eta:.0f}s", flush=True)
+
+
+class TermMeans:
+    """The mean of each loss term over the steps since the last evaluation."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {k: v / self.count for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+@dataclass
+class FitSpec:
+    """What a job hands to ``fit``: the module to optimise and how to train, evaluate and export it.
+
+    ``step`` returns the weighted loss terms of one step (their sum is optimised);
+    ``evaluated`` names the networks to evaluate; ``export`` picks, from the evaluation metrics,
+    the network saved as the job's model (e.g. the better CPS branch) and its role.
+    """
+
+    name: str
+    module: nn.Module
+    step: StepFn
+    evaluated: Callable[[], dict[str, nn.Module]]
+    export: Callable[[dict[str, float]], tuple[nn.Module, ModelConfig, str]]
+    unlabeled: bool = True
+    after_step: Callable[[int], None] | None = None
+    extra_state: Callable[[], dict[str, Any]] | None = None
+    load_extra_state: Callable[[dict[str, Any]], None] | None = None
+    # Extra scalar metrics (averaged over ranks) added to every evaluation's metrics, e.g. cache/hit_rate.
+    extra_metrics: Callable[[], dict[str, float]] | None = None
+
+
+@dataclass
+class JobContext:
+    """Where a job's loop runs: its data and settings, its ranks, where it reports and checkpoints."""
+
+    data: JobData
+    data_cfg: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    env: DistEnv
+    report: Reporter
+    checkpoint_root: Path
+
+
+def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) -> dict[str, float]:
+    """Iteration-based training with evaluation, reporting and checkpointing every ``eval_every``.
+
+    A resumed run restores model, optimiser, scheduler, step and RNG state, and its data streams
+    restart at the saved step, so it continues exactly the schedule of the interrupted run.
+    """
+    if resume is not None and resume.get("final"):  # killed after its last step: nothing left to train
+        return dict(resume["history"][-1]) if resume["history"] else {}
+    model, schedule, env = spec.module, ctx.schedule, ctx.env
+    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], ctx.optim, schedule.iterations, env)
+    start, history = _restore(spec, opt, sched, resume)
+    model.train()
+    progress = Progress(spec.name, schedule.iterations, start, env)
+    stream = batches(ctx.data, schedule, ctx.data_cfg.loader_workers, env, start, spec.unlabeled)
+    means = TermMeans()
+    metrics: dict[str, float] = {}
+    for step in range(start + 1, schedule.iterations + 1):
+        terms = spec.step(next(stream), step)
+        loss = torch.stack(list(terms.values())).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if spec.after_step is not None:
+            spec.after_step(step)
+        values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()} | {"loss/total": float(loss.detach())}
+        means.add(values)
+        progress.step(step, values)
+        if step % schedule.eval_every and step != schedule.iterations:
+            continue
+        metrics = {"step": step, "lr": sched.get_last_lr()[0], "replica_spread": replica_spread(model, env)}
+        metrics |= all_reduce_mean(means.pop(), env)
+        if spec.extra_metrics is not None:
+            metrics |= all_reduce_mean(spec.extra_metrics(), env)
+        evaluated = spec.evaluated()
+        confusion = _evaluate_all(evaluated, ctx, metrics)
+        history.append(metrics)
+        ckpt_dir = None
+        if env.is_main:
+            ckpt_dir = _save_checkpoint(spec, ctx, opt, sched, step, history)
+            _save_model(spec, ctx, ckpt_dir, metrics, evaluated, confusion)
+        ctx.report(metrics, ckpt_dir)
+    return metrics
+
+
+def _restore(
+    spec: FitSpec, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, resume: dict[str, Any] | None
+) -> tuple[int, list[dict[str, float]]]:
+    """Model, optimiser, scheduler, RNG and the job's own state from ``resume``: (its step, its history)."""
+    if resume is None:
+        return 0, []
+    unwrap(spec.module).load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    set_rng_state(resume["rng"])
+    if spec.load_extra_state is not None:
+        spec.load_extra_state(resume["extra"])
+    return int(resume["step"]), list(resume["history"])
+
+
+def _evaluate_all(evaluated: dict[str, nn.Module], ctx: JobContext, metrics: dict[str, float]) -> dict[str, ConfusionMatrix]:
+    """Evaluate each network on the val split into ``metrics`` (``val/<label>/…``, ``val/…`` unlabelled);
+    with several (CPS), ``val/mIoU`` is the best one's."""
+    confusion: dict[str, ConfusionMatrix] = {}
+    for label, net in evaluated.items():
+        prefix = f"val/{label}" if label else "val"
+        confusion[label] = evaluate(net, ctx.data, ctx.env, ctx.schedule.eval_batch, ctx.data_cfg.eval_window)
+        metrics |= eval_metrics(confusion[label], ctx.data.class_names, prefix)
+    if "val/mIoU" not in metrics:
+        metrics["val/mIoU"] = max(v for k, v in metrics.items() if k.startswith("val/") and k.endswith("/mIoU"))
+    return confusion
+
+
+def _save_checkpoint(
+    spec: FitSpec,
+    ctx: JobContext,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    step: int,
+    history: list[dict[str, float]],
+) -> Path:
+    """The resume state at ``step`` (only the history at the last step: nothing is left to resume)."""
+    ckpt_dir = ctx.checkpoint_root / f"step_{step:08d}"
+    if step == ctx.schedule.iterations:
+        # The last checkpoint resumes nothing: model.pt and the history are all a restarted job
+        # needs, and the model + optimiser state would be most of its disk (a CPS teacher's two
+        # branches with AdamW's moments are several times the exported network).
+        save_state(ckpt_dir, {"step": step, "final": True, "history": history})
+        return ckpt_dir
+    state = {
+        "step": step,
+        "model": unwrap(spec.module).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng_state(),
+        "extra": spec.extra_state() if spec.extra_state is not None else {},
+        "history": history,
+    }
+    save_state(ckpt_dir, state)
+    return ckpt_dir
+
+
+def _save_model(
+    spec: FitSpec,
+    ctx: JobContext,
+    ckpt_dir: Path,
+    metrics: dict[str, float],
+    evaluated: dict[str, nn.Module],
+    confusion: dict[str, ConfusionMatrix],
+) -> None:
+    """The exported network's ``model.pt``, with its val metrics and confusion matrix (all ranks' pixels)."""
+    chosen, model_cfg, role = spec.export(metrics)
+    record = segmenter_record(chosen, model_cfg, ctx.data, ctx.data_cfg.crop_size, role)
+    label = next(k for k, net in evaluated.items() if unwrap(net) is unwrap(chosen))
+    record |= {"metrics": metrics, "confusion": confusion[label].matrix.cpu().tolist()}
+    torch.save(record, ckpt_dir / MODEL_FILE)

@@ -1,0 +1,242 @@
+"""A study's plan: every job it runs, derived from the study file alone (no Ray, no training).
+
+``Plan`` holds what the driver resolved (absolute paths, MLflow ids, teacher checkpoints); the
+job builders turn it and a trial's parameters into the typed job configs the Ray Train jobs run,
+and ``trial_job`` names the MLflow run each trial writes to, so a resumed study finds it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mgd_ray import tracking
+from mgd_ray.config import (
+    BaselineJobConfig,
+    CheckpointRef,
+    DataConfig,
+    DistillJobConfig,
+    JobConfig,
+    ModelConfig,
+    ScheduleConfig,
+    TeacherJobConfig,
+)
+from mgd_ray.study.config import Resources, StudyConfig, TeacherRecipe, TeacherSpec
+
+# A trial's own process only drives its Train job; its workers hold the CPUs/GPUs. Tune refuses an
+# empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
+DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
+
+
+@dataclass
+class Plan:
+    """Everything a trial needs, resolved by the driver: absolute paths, MLflow ids, teacher files."""
+
+    study: StudyConfig
+    root: Path  # <storage>/<study name>/<instance>
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    teachers: dict[str, Path] = field(default_factory=dict)
+    teacher_cache: Path | None = None  # set by stage_cache when the study caches teacher signals
+    teacher_examples: Path | None = None  # the teachers' example predictions (``write_teacher_examples``)
+
+    def resources(self, teacher: bool = False) -> Resources:
+        """A job's resources: the teachers' own (``teacher_resources``) when the study sets them."""
+        return (self.study.teacher_resources or self.study.resources) if teacher else self.study.resources
+
+    def in_trial(self, teacher: bool = False) -> bool:
+        """Whether a job runs in its Tune trial's own process (``ray_train.in_trial``, 1-worker jobs)."""
+        return self.study.ray_train.in_trial and self.resources(teacher).workers == 1
+
+    def trial_resources(self, teacher: bool = False) -> dict[str, float]:
+        """What a Tune trial reserves: its worker's CPUs/GPUs when the job runs in the trial's
+        process, else nothing but a token (the Train workers reserve; concurrency: max_concurrent)."""
+        if not self.in_trial(teacher):
+            return DRIVER_RESOURCES
+        resources = self.resources(teacher)
+        return {"cpu": resources.cpus_per_worker} | ({"gpu": resources.gpus_per_worker} if resources.gpus_per_worker else {})
+
+
+def teacher_key(study: StudyConfig, name: str) -> str:
+    """Identity of a teacher pretraining: same data, partition, architecture, recipe → same teacher."""
+    spec = study.teachers[name]
+    data = study.data
+    data_id: dict[str, Any] = {
+        "dataset": data.dataset,
+        "partition": data.partition,
+        "protocol": data.protocol,
+        "partition_seed": data.partition_seed,
+        "crop_size": data.crop_size,
+        "scales": list(data.scales),
+    }
+    data_id |= {"builtin": data.builtin.model_dump()} if data.dataset == "builtin" else {"root": str(Path(data.root).resolve())}
+    blob = {"data": data_id, "model": spec.model.model_dump(mode="json"), "recipe": spec.effective_recipe.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def teacher_job(plan: Plan, name: str) -> TeacherJobConfig:
+    spec = plan.study.teachers[name]
+    recipe = spec.effective_recipe
+    return TeacherJobConfig(
+        data=plan.study.data,
+        model=spec.model,
+        optim=recipe.optim,
+        schedule=recipe.schedule,
+        cps_weight=recipe.cps_weight,
+        cps_rampup=recipe.cps_rampup,
+        ohem=recipe.ohem,
+        output=plan.root / "teachers" / name,
+    )
+
+
+def combo_teachers(combo: str) -> tuple[str, str]:
+    """``"A+B"`` → (image teacher A, region teacher B); ``"A"`` → (A, A)."""
+    parts = combo.split("+")
+    return parts[0], parts[-1]
+
+
+def teacher_ref(plan: Plan, name: str) -> CheckpointRef:
+    """Teacher ``name`` as a job sees it: its architecture and the checkpoint the driver found or trained."""
+    return CheckpointRef(model=plan.study.teachers[name].model, checkpoint=plan.teachers[name])
+
+
+def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> DistillJobConfig:
+    """The study's default distillation with the searched ``params`` applied."""
+    study = plan.study
+    losses = study.distill.losses
+    if "teachers" in params:
+        image_teacher, region_teacher = combo_teachers(params["teachers"])
+        losses = losses.model_copy(
+            update={"image_teachers": (image_teacher,), "region_teachers": (region_teacher,), "pixel_teachers": None}
+        )
+        used = list(dict.fromkeys([image_teacher, region_teacher]))
+    else:
+        named = losses.pixel_teachers or dict.fromkeys([*losses.image_teachers, *losses.region_teachers])
+        used = list(named) or list(study.teachers)
+    update = {k: params[k] for k in ("lambda_1", "lambda_2", "pool_size", "pixel_labeled", "pixel_unlabeled") if k in params}
+    if params.get("image_level") is False:
+        update["image_teachers"] = ()
+    if params.get("region_level") is False:
+        update["region_teachers"] = ()
+    losses = losses.model_copy(update=update)
+    schedule = study.schedule.model_copy(
+        update={"seed": seed} | ({"iterations": params["iterations"]} if "iterations" in params else {})
+    )
+    optim = study.optim.model_copy(update={"lr": params["lr"]} if "lr" in params else {})
+    return DistillJobConfig(
+        data=study.data,
+        student=study.student,
+        teachers={name: teacher_ref(plan, name) for name in used},
+        teacher_mode=study.distill.teacher_mode,
+        teacher_precision=study.distill.teacher_precision,
+        teacher_channels_last=study.distill.teacher_channels_last,
+        losses=losses,
+        optim=optim,
+        schedule=schedule,
+        output=output,
+        teacher_cache=plan.teacher_cache,
+    )
+
+
+def baseline_job(plan: Plan, index: int, seed: int, output: Path) -> BaselineJobConfig:
+    study = plan.study
+    spec = study.baselines[index]
+    return BaselineJobConfig(
+        method=spec.method,
+        data=study.data,
+        student=study.student,
+        teacher=teacher_ref(plan, spec.teacher) if spec.teacher is not None else None,
+        ema_decay=spec.ema_decay,
+        consistency_weight=spec.consistency_weight,
+        temperature=spec.temperature,
+        optim=study.optim,
+        schedule=study.schedule.model_copy(update={"seed": seed}),
+        output=output,
+    )
+
+
+@dataclass
+class TrialJob:
+    """What one trial runs and how its MLflow run is found again."""
+
+    cfg: JobConfig
+    key: str
+    name: str
+    kind: str  # teacher | baseline | trial | repeat
+    params: dict[str, Any]
+    tags: dict[str, str]
+    teacher: bool = False
+
+
+def trial_job(plan: Plan, config: dict[str, Any], trial_id: str | None = None) -> TrialJob:
+    """The job of a Tune trial's ``config`` (``trial_id``: Tune's id of a search trial)."""
+    config = config | config.get("job", {})  # one grid of mixed jobs (``stage_teachers``)
+    stage = config["stage"]
+    base = {tracking.STUDY_TAG: plan.study.name, "mgd_ray.stage": stage}
+    if stage == "teachers":
+        name = config["teacher"]
+        key = teacher_key(plan.study, name)
+        tags = base | {tracking.KIND_TAG: "teacher", tracking.TEACHER_KEY_TAG: key, "mgd_ray.teacher": name}
+        return TrialJob(teacher_job(plan, name), f"{plan.parent_run_id}/teacher/{name}", f"teacher {name}", "teacher", {}, tags, True)
+    seed = int(config.get("seed", plan.study.seeds[0]))
+    if stage == "baselines":
+        index = int(config["baseline"])
+        baseline = plan.study.baselines[index].name
+        cfg = baseline_job(plan, index, seed, plan.root / "baselines" / f"{baseline}-s{seed}")
+        tags = base | {tracking.KIND_TAG: "baseline", "mgd_ray.baseline": baseline, "mgd_ray.seed": str(seed)}
+        return TrialJob(cfg, f"{plan.parent_run_id}/baseline/{baseline}/{seed}", f"{baseline} s{seed}", "baseline", {}, tags)
+    if stage == "repeats":
+        params = dict(config["params"])
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+        cfg = distill_job(plan, params, seed, plan.root / "repeats" / f"{digest}-s{seed}")
+        tags = base | {tracking.KIND_TAG: "repeat", "mgd_ray.seed": str(seed), "mgd_ray.config": digest}
+        return TrialJob(cfg, f"{plan.parent_run_id}/repeat/{digest}/{seed}", f"best s{seed}", "repeat", params, tags)
+    if trial_id is None:
+        raise ValueError("trial_job: a search trial needs its Tune trial id")
+    params = {k: v for k, v in config.items() if k in plan.study.search.searched()}
+    cfg = distill_job(plan, params, seed, plan.root / "trials" / trial_id)
+    tags = base | {tracking.KIND_TAG: "trial", "mgd_ray.trial_id": trial_id, "mgd_ray.seed": str(seed)}
+    return TrialJob(cfg, f"{plan.parent_run_id}/trial/{trial_id}", f"trial {trial_id}", "trial", params, tags)
+
+
+def smoke(study: StudyConfig) -> StudyConfig:
+    """The same study shrunk to seconds: tiny built-in data, 4 iterations, 2 trials, one seed.
+
+    Used by ``mgd-ray run --smoke`` and the tests that dry-run every study file in the repository.
+    """
+    tiny_schedule = ScheduleConfig(iterations=4, eval_every=2, batch_labeled=2, batch_unlabeled=2, eval_batch=4)
+    data = DataConfig(
+        dataset="builtin",
+        root=Path(study.storage_path) / "smoke_data",
+        partition=study.data.partition,
+        builtin={"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
+        crop_size=32,
+        scales=(1.0,),
+    )
+    small = {"resnet101": "resnet18", "resnet50": "resnet18", "wide_resnet50_2": "resnet18", "resnet34": "resnet18"}
+
+    def shrink(model: ModelConfig) -> ModelConfig:
+        return model.model_copy(update={"backbone": small.get(model.backbone, model.backbone), "pretrained": None})
+
+    teachers = {
+        name: TeacherSpec(model=shrink(spec.model), recipe=TeacherRecipe(schedule=tiny_schedule))
+        for name, spec in study.teachers.items()
+    }
+    return study.model_copy(
+        update={
+            "name": f"{study.name}-smoke",
+            "data": data,
+            "teachers": teachers,
+            "student": shrink(study.student),
+            "schedule": tiny_schedule,
+            "search": study.search.model_copy(update={"iterations": None}),
+            "searcher": study.searcher.model_copy(update={"num_samples": 2, "max_concurrent": 2}),
+            "seeds": study.seeds[:1],
+            "resources": Resources(),
+            "teacher_resources": None,
+        }
+    )

@@ -1,0 +1,143 @@
+"""Run a study: teachers (once, reused through MLflow) → baselines → Optuna search → seed repeats → report.
+
+MLflow records it all under one parent run. ``study_state.json`` under the study's storage says
+which stages have finished, so ``resume=True`` reuses the parent run and continues where the
+driver stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+
+from mgd_ray import tracking
+from mgd_ray.config import absolute_paths
+from mgd_ray.data.stream import with_manifest
+from mgd_ray.study.config import StudyConfig
+from mgd_ray.study.plan import Plan
+from mgd_ray.study.report import best_trial_params, write_report
+from mgd_ray.study.stages import (
+    pending_baselines,
+    stage_baselines,
+    stage_cache,
+    stage_repeats,
+    stage_search,
+    stage_teachers,
+    write_teacher_examples,
+)
+
+log = logging.getLogger("mgd_ray.study")
+STATE_FILE = "study_state.json"
+
+
+@dataclass
+class StudyState:
+    """``study_state.json``: the parent run, the instance folder, and what each finished stage left."""
+
+    path: Path
+    values: dict[str, Any]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.values, indent=2))
+
+    def done(self, stage: str) -> bool:
+        return bool(self.values["stages"].get(stage))
+
+    def finish(self, stage: str) -> None:
+        self.values["stages"][stage] = True
+        self.save()
+
+
+def run_study(study: StudyConfig, source: Path | None = None, resume: bool = False, base: Path | None = None) -> Path:
+    """Run (or resume) a whole study on the Ray cluster ``ray.init`` finds; returns the report file."""
+    plan, state = _open(study, resume, base or Path.cwd())
+    client = tracking.client_for(plan.tracking_uri)
+    _log_study(plan, client, source)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        report = _run_stages(plan, state, client, resume)
+    except BaseException:
+        tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "interrupted"})
+        raise
+    state.values["done"] = True
+    state.save()
+    tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "finished"})
+    client.set_terminated(plan.parent_run_id, "FINISHED")
+    return report
+
+
+def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyState]:
+    """The plan with absolute paths and its parent run: the last unfinished run's when resuming, else a new one."""
+    storage = Path(study.storage_path)
+    storage = storage if storage.is_absolute() else (base / storage).resolve()
+    uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
+    study = with_manifest(study.model_copy(update={"data": absolute_paths(study.data, base)}))
+    client = tracking.client_for(uri)
+    experiment_id = tracking.ensure_experiment(client, study.experiment)
+    state = StudyState(storage / study.name / STATE_FILE, {})
+    if resume and state.path.is_file():
+        state.values = json.loads(state.path.read_text())
+    elif resume:
+        log.warning("no earlier run of study %s under %s: starting it afresh", study.name, storage)
+    if not state.values or state.values.get("done"):
+        instance = time.strftime("%Y%m%d-%H%M%S")
+        parent_id, _ = tracking.get_or_create_run(
+            client,
+            experiment_id,
+            f"study/{study.name}/{instance}",
+            f"study {study.name}",
+            {tracking.STUDY_TAG: study.name, tracking.KIND_TAG: "study"},
+        )
+        state.values = {"parent_run_id": parent_id, "instance": instance, "stages": {}}
+    plan = Plan(study, storage / study.name / state.values["instance"], uri, experiment_id, state.values["parent_run_id"])
+    plan.root.mkdir(parents=True, exist_ok=True)
+    state.save()
+    return plan, state
+
+
+def _log_study(plan: Plan, client: MlflowClient, source: Path | None) -> None:
+    """The parent run: running, the study's params, the study file and the resolved study."""
+    study = plan.study
+    tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "running"})
+    tracking.log_params(client, plan.parent_run_id, tracking.flatten("", study.model_dump(mode="json")))
+    if source is not None:
+        tracking.log_files(client, plan.parent_run_id, [source], "study")
+    resolved = plan.root / "resolved_study.json"
+    resolved.write_text(study.model_dump_json(indent=2))
+    tracking.log_files(client, plan.parent_run_id, [resolved], "study")
+
+
+def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: bool) -> Path:
+    """The stages in order, each skipped when a resumed study had finished it; returns the report."""
+    study = plan.study
+    state.values["teachers"] = stage_teachers(plan, resume)
+    state.save()
+    plan.teacher_examples = write_teacher_examples(plan)
+    baselines = [] if state.done("baselines") else pending_baselines(plan)
+    resources = study.resources
+    beside = min(len(baselines), study.searcher.max_concurrent) * resources.workers * resources.cpus_per_worker
+    wait_for_cache = stage_cache(plan, leave_cpus=beside)  # builds while the baselines run
+    if not state.done("baselines"):
+        stage_baselines(plan, resume, baselines)
+        state.finish("baselines")
+    state.values["teacher_cache"] = wait_for_cache()
+    state.save()
+    cache_info = {f"teacher_cache.{k}": str(v) for k, v in state.values["teacher_cache"].items() if k != "pool_sizes"}
+    tracking.set_tags(client, plan.parent_run_id, cache_info)
+    if not state.done("search"):
+        stage_search(plan, resume)
+        state.finish("search")
+    best = best_trial_params(plan)
+    if not state.done("repeats"):
+        stage_repeats(plan, best, resume)
+        state.finish("repeats")
+    return write_report(plan, state.values)

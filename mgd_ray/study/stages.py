@@ -1,0 +1,300 @@
+"""The stages of a study, each a Ray Tune experiment whose trials each drive one Ray Train job.
+
+Tune schedules the trials onto the cluster (``max_concurrent``; a trial whose job runs as a Train
+worker group reserves no CPU itself, its workers do), Optuna proposes the search's
+configurations and ASHA stops weak ones early. Stages overlap where nothing depends on them:
+baselines that need no teacher queue behind the teachers in their Tune stage, and the
+teacher-signal cache builds while the other baselines run. ``resume=True`` restores each
+unfinished Tune experiment; finished trials are never run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+
+from mgd_ray import tracking
+from mgd_ray.data.stream import load_job_data
+from mgd_ray.final_eval import save_examples
+from mgd_ray.study.plan import Plan, distill_job, teacher_key, teacher_ref
+from mgd_ray.study.search import make_scheduler, make_searcher
+from mgd_ray.study.trial import run_trial
+from mgd_ray.teacher_cache.build import build_cache
+from mgd_ray.teacher_cache.read import check_cache
+
+log = logging.getLogger("mgd_ray.study")
+
+
+def _tune_run_config(plan: Plan, stage: str) -> ray.tune.RunConfig:
+    # Jobs in the trial's process: Tune, not Ray Train, retries a failed one (once, from its last
+    # checkpoint, as Ray Train's max_failures=1 does for the others) and keeps its checkpoint.
+    in_trial = plan.in_trial(teacher=stage == "teachers")
+    return ray.tune.RunConfig(
+        name=stage,
+        storage_path=str(plan.root / "tune"),
+        failure_config=ray.tune.FailureConfig(max_failures=1 if in_trial else 0),
+        checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1) if in_trial else None,
+        verbose=1,
+    )
+
+
+def _tuner(plan: Plan, stage: str, resume: bool, **kwargs: Any) -> ray.tune.Tuner:
+    resources = plan.trial_resources(teacher=stage == "teachers")
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), resources)
+    path = plan.root / "tune" / stage
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        log.info("resuming stage %s from %s", stage, path)
+        return ray.tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    if path.exists():
+        shutil.rmtree(path)
+    return ray.tune.Tuner(trainable, run_config=_tune_run_config(plan, stage), **kwargs)
+
+
+def _grid_tune_config(plan: Plan) -> ray.tune.TuneConfig:
+    """The teacher, baseline and repeat stages: a fixed grid of jobs with fixed MLflow keys, so Tune
+    may hand a finished trial's process to the next trial (``reuse_actors``; not in the search)."""
+    return ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent)
+
+
+def check_stage(results: Any, stage: str) -> None:
+    """Fail the stage on a failed trial; else drop its trials' Tune checkpoints (``drop_checkpoints``)."""
+    errors = [r for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"stage {stage}: {len(errors)} trial(s) failed; first error: {errors[0].error}")
+    drop_checkpoints(results, stage)
+
+
+def drop_checkpoints(results: Any, stage: str) -> int:
+    """Delete the Tune checkpoints of a stage's trials that ended (finished or stopped early).
+
+    They only serve to resume a trial, and an ended trial never resumes (``Tuner.restore`` leaves
+    it alone): its model is in MLflow and in the study's output folder, and a resume state (a CPS
+    teacher's above all) is several times the exported network. Returns bytes freed.
+    """
+    freed = 0
+    for r in results:
+        trial_dir = Path(r.path) if r.error is None and r.path else None
+        if trial_dir is None or not trial_dir.is_dir():  # failed, or on remote storage: leave it
+            continue
+        for ckpt in trial_dir.glob("checkpoint_*"):
+            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            shutil.rmtree(ckpt, ignore_errors=True)
+    log.info("stage %s: deleted the ended trials' Tune checkpoints (%.1f MiB)", stage, freed / 2**20)
+    return freed
+
+
+def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
+    """Teacher checkpoints: given files, given MLflow runs, earlier pretrainings (any study), or train now."""
+    client = tracking.client_for(plan.tracking_uri)
+    info: dict[str, dict[str, Any]] = {}
+    to_train = []
+    for name, spec in plan.study.teachers.items():
+        if spec.checkpoint is not None:
+            plan.teachers[name] = Path(spec.checkpoint).resolve()
+            info[name] = {"source": f"file {spec.checkpoint}"}
+            continue
+        run = None
+        if spec.mlflow_run is not None:
+            run = client.get_run(spec.mlflow_run)
+        else:
+            run = tracking.find_teacher(client, teacher_key(plan.study, name))
+        if run is not None:
+            plan.teachers[name] = tracking.download_checkpoint(plan.tracking_uri, run.info.run_id, plan.root / "teachers" / name)
+            info[name] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
+            continue
+        to_train.append(name)
+    if to_train:
+        jobs: list[dict[str, Any]] = [{"stage": "teachers", "teacher": name} for name in to_train]
+        if plan.trial_resources(teacher=True) == plan.trial_resources() and plan.in_trial(teacher=True) == plan.in_trial():
+            # Baselines that need no teacher queue behind the teachers, on the slots the faster
+            # teacher frees while the slower one finishes (same trial shape, so one Tune stage).
+            jobs += [{"stage": "baselines", "baseline": i, "seed": seed} for i, seed in pending_baselines(plan, teacher_free=True)]
+        tuner = _tuner(
+            plan, "teachers", resume,
+            param_space={"stage": "teachers", "job": ray.tune.grid_search(jobs)},
+            tune_config=_grid_tune_config(plan),
+        )
+        check_stage(tuner.fit(), "teachers")
+        for name in to_train:
+            run = tracking.find_teacher(client, teacher_key(plan.study, name))
+            if run is None:
+                raise RuntimeError(f"teacher {name} trained but its MLflow run is missing")
+            plan.teachers[name] = plan.root / "teachers" / name / "model.pt"
+            info[name] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+    return info
+
+
+def write_teacher_examples(plan: Plan) -> Path | None:
+    """The teachers' predictions on the example images, once for every trial's overlay page."""
+    if not plan.teachers:
+        return None
+    return save_examples(plan.root / "teacher_examples.npz", dict(plan.teachers), load_job_data(plan.study.data))
+
+
+def _searched_values(param: Any, default: int) -> list[int]:
+    """Every value an integer search parameter can take (with the study's default)."""
+    if param is None:
+        return [default]
+    values = param.choices if hasattr(param, "choices") else range(param.low, param.high + 1)
+    return sorted({default, *values})
+
+
+def _cache_cpus(plan: Plan, leave_cpus: float = 0.0) -> float:
+    """CPUs for the cache build: on CPU, all the search's concurrent trials will hold, less the
+    ``leave_cpus`` that jobs running beside the build need, capped by the largest node's (at least
+    one worker's); on GPU, one worker's (the GPU does the work)."""
+    resources = plan.study.resources
+    if resources.gpus_per_worker:
+        return resources.cpus_per_worker
+    wanted = plan.study.searcher.max_concurrent * resources.workers * resources.cpus_per_worker
+    alive = (node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive"))
+    largest = max(alive, default=resources.cpus_per_worker)
+    return max(resources.cpus_per_worker, min(wanted, largest - leave_cpus))
+
+
+def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, Any]]:
+    """Run the teachers once over the search's batch stream, for every trial to read.
+
+    Built for the first seed (the search's) with every H_v and iteration count the search can pick,
+    and every teacher's every signal when the search varies which teacher feeds which term. A cache
+    that already serves the study (a resumed or repeated study) is kept. One Ray task builds the
+    ranks of a ``resources.workers``-worker trial in turn (CPUs: ``_cache_cpus``). The build starts
+    here and this returns the function that waits for it, so the baselines run meanwhile on the
+    ``leave_cpus`` it leaves free.
+    """
+    study = plan.study
+    if not study.distill.teacher_cache or not plan.teachers:
+        return lambda: {"used": False}
+    directory = plan.root / "teacher_cache"
+    search = study.search
+    roles_varied = any(
+        getattr(search, k) is not None for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level")
+    )
+    plan.teacher_cache = directory
+    job = distill_job(plan, {}, study.seeds[0], plan.root / "teacher_cache_job")
+    if roles_varied:
+        job = job.model_copy(update={"teachers": {name: teacher_ref(plan, name) for name in study.teachers}})
+    pool_sizes = _searched_values(search.pool_size, job.losses.pool_size)
+    iterations = max(_searched_values(search.iterations, job.schedule.iterations))
+    workers, gpus = study.resources.workers, study.resources.gpus_per_worker
+    longest = job.model_copy(update={"schedule": job.schedule.model_copy(update={"iterations": iterations})})
+    status, _ = check_cache(longest, world_size=workers)
+    if status.hit and status.steps >= iterations:
+        log.info("teacher cache: reusing %s", directory)
+        return lambda: {"used": True, "directory": str(directory), "reused": True}
+    cpus = _cache_cpus(plan, leave_cpus)
+    pending = ray.remote(num_cpus=cpus, num_gpus=gpus)(build_cache).remote(
+        job,
+        directory,
+        pool_sizes=pool_sizes,
+        iterations=iterations,
+        world_size=workers,
+        signals="all" if roles_varied else "job",
+        device="cuda" if gpus else "cpu",
+        threads=max(1, int(cpus)),
+    )
+
+    def wait() -> dict[str, Any]:
+        summary = ray.get(pending)
+        sizes = {k: summary[k] for k in ("bytes", "bytes_per_epoch", "bytes_per_training_image", "seconds") if k in summary}
+        return {"used": True, "directory": str(directory), "reused": False, "pool_sizes": pool_sizes, "iterations": iterations} | sizes
+
+    return wait
+
+
+def pending_baselines(plan: Plan, teacher_free: bool = False) -> list[tuple[int, int]]:
+    """(baseline index, seed) of every baseline run the study still needs: those without a finished
+    MLflow run (some may have run with the teachers), only those that need no teacher if asked."""
+    client = tracking.client_for(plan.tracking_uri)
+    jobs = []
+    for i, spec in enumerate(plan.study.baselines):
+        if teacher_free and spec.teacher is not None:
+            continue
+        for seed in plan.study.seeds:
+            run = tracking.find_run(client, [plan.experiment_id], f"{plan.parent_run_id}/baseline/{spec.name}/{seed}")
+            if run is None or run.info.status != "FINISHED" or run.data.tags.get(tracking.STATE_TAG) != "finished":
+                jobs.append((i, seed))
+    return jobs
+
+
+def stage_baselines(plan: Plan, resume: bool, jobs: list[tuple[int, int]]) -> None:
+    """The baselines ``jobs`` (``pending_baselines``), on the CPUs the cache build leaves."""
+    if not jobs:
+        return
+    tuner = _tuner(
+        plan, "baselines", resume,
+        param_space={"stage": "baselines", "job": ray.tune.grid_search([{"baseline": i, "seed": seed} for i, seed in jobs])},
+        tune_config=_grid_tune_config(plan),
+    )
+    check_stage(tuner.fit(), "baselines")
+
+
+def drop_orphan_trial_runs(plan: Plan, known_trial_ids: set[str]) -> list[str]:
+    """Delete the search's unfinished MLflow trial runs whose trial Tune's snapshot does not know.
+
+    A trial creates its run as soon as it starts; a driver killed before Tune's next snapshot
+    leaves a run that the resumed search never continues (it proposes a new trial instead), so the
+    study would show one trial too many. Finished runs are kept: they are results.
+    """
+    client = tracking.client_for(plan.tracking_uri)
+    query = f"tags.`mlflow.parentRunId` = '{plan.parent_run_id}' and tags.`{tracking.KIND_TAG}` = 'trial'"
+    dropped = []
+    for run in client.search_runs([plan.experiment_id], query, max_results=5000):
+        if run.info.status != "FINISHED" and run.data.tags.get("mgd_ray.trial_id") not in known_trial_ids:
+            client.delete_run(run.info.run_id)
+            dropped.append(run.info.run_id)
+    if dropped:
+        log.info("search: deleted %d unfinished trial run(s) unknown to Tune's snapshot: %s", len(dropped), dropped)
+    return dropped
+
+
+def stage_search(plan: Plan, resume: bool) -> Any:
+    """The Optuna search (with ASHA) over the study's search space, ``searcher.num_samples`` trials."""
+    study = plan.study
+    path = plan.root / "tune" / "search"
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        drop_orphan_trial_runs(plan, {t.trial_id for t in ray.tune.ExperimentAnalysis(str(path)).trials})
+    elif resume:
+        drop_orphan_trial_runs(plan, set())  # the search had not snapshotted yet: it starts afresh
+    tuner = _tuner(
+        plan, "search", resume,
+        param_space={"stage": "search", "seed": study.seeds[0]},
+        tune_config=ray.tune.TuneConfig(
+            # A trial that ASHA stops leaves at its next report when the job runs in the trial's
+            # process (Tune reports synchronously), so the process can take the next trial. A
+            # Train worker group's trial is still inside fit() then, and Tune cannot reuse it.
+            # (A reused process starts the next trial's MLflow run before Tune's snapshot records
+            # the trial: ``drop_orphan_trial_runs`` cleans up after a driver killed right then.)
+            reuse_actors=plan.in_trial(),
+            metric="val/mIoU",
+            mode="max",
+            search_alg=make_searcher(study),
+            scheduler=make_scheduler(study),
+            num_samples=study.searcher.num_samples,
+            max_concurrent_trials=study.searcher.max_concurrent,
+        ),
+    )
+    results = tuner.fit()
+    check_stage(results, "search")
+    return results
+
+
+def stage_repeats(plan: Plan, best_params: dict[str, Any], resume: bool) -> None:
+    """Re-run the best configuration on the other seeds, so its mean ± std sits beside the baselines'."""
+    extra = plan.study.seeds[1:]
+    if not extra:
+        return
+    tuner = _tuner(
+        plan, "repeats", resume,
+        param_space={"stage": "repeats", "params": best_params, "seed": ray.tune.grid_search(list(extra))},
+        tune_config=_grid_tune_config(plan),
+    )
+    check_stage(tuner.fit(), "repeats")
+
+
