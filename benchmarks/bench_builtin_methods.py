@@ -42,7 +42,14 @@ def data_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def schedule(iterations: int, eval_every: int, seed: int) -> dict[str, Any]:
-    return {"iterations": iterations, "eval_every": eval_every, "batch_labeled": 4, "batch_unlabeled": 4, "eval_batch": 32, "seed": seed}
+    return {
+        "iterations": iterations,
+        "eval_every": eval_every,
+        "batch_labeled": 4,
+        "batch_unlabeled": 4,
+        "eval_batch": 32,
+        "seed": seed,
+    }
 
 
 def train_teacher(role: str, args: argparse.Namespace, iterations: int) -> tuple[str, float, float]:
@@ -81,7 +88,10 @@ def train_student(method: str, seed: int, args: argparse.Namespace, teachers: Pa
     from mgd_ray.jobs.distill import run_distill
 
     torch.set_num_threads(1)
-    refs = {role: {"model": {"backbone": bb}, "checkpoint": str(teachers / role / "model.pt")} for role, bb in TEACHERS.items()}
+    refs = {
+        role: {"model": {"backbone": bb}, "checkpoint": str(teachers / role / "model.pt")}
+        for role, bb in TEACHERS.items()
+    }
     base = {
         "data": data_config(args),
         "student": {"backbone": "mobilenet_v2"},
@@ -121,7 +131,9 @@ def main() -> int:
     args.data = (args.data or scratch / "builtin").absolute()
     args.out = (args.out or scratch / "teachers").absolute()
     if args.teachers is not None:
-        missing = [str(args.teachers / r / "model.pt") for r in TEACHERS if not (args.teachers / r / "model.pt").is_file()]
+        missing = [
+            str(args.teachers / r / "model.pt") for r in TEACHERS if not (args.teachers / r / "model.pt").is_file()
+        ]
         if missing:
             ap.error(f"--teachers {args.teachers}: missing {', '.join(missing)}")
     source = f"from {args.teachers}" if args.teachers else f"{args.teacher_iterations} iterations, saved to {args.out}"
@@ -138,10 +150,15 @@ def main() -> int:
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         teachers = args.teachers
         if teachers is None:
-            jobs = [pool.submit(train_teacher, role, args, its) for role, its in zip(TEACHERS, args.teacher_iterations, strict=True)]
+            jobs = [
+                pool.submit(train_teacher, role, args, its)
+                for role, its in zip(TEACHERS, args.teacher_iterations, strict=True)
+            ]
             for job in jobs:
                 role, miou, secs = job.result()
-                print(f"  teacher {role} ({TEACHERS[role]}): {miou:.1f} mIoU at its last step, {secs:.0f} s", flush=True)
+                print(
+                    f"  teacher {role} ({TEACHERS[role]}): {miou:.1f} mIoU at its last step, {secs:.0f} s", flush=True
+                )
             teachers = args.out
         jobs = [pool.submit(train_student, m, s, args, teachers) for m in args.methods for s in args.seeds]
         results: dict[str, list[float]] = {m: [] for m in args.methods}
@@ -152,7 +169,9 @@ def main() -> int:
     print(f"\n{'method':10s} {'mean ± std':>12s}  per seed {args.seeds}")
     for method, scores in results.items():
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        print(f"{method:10s} {f'{statistics.fmean(scores):.1f} ± {std:.1f}':>12s}  {', '.join(f'{s:.1f}' for s in scores)}")
+        print(
+            f"{method:10s} {f'{statistics.fmean(scores):.1f} ± {std:.1f}':>12s}  {', '.join(f'{s:.1f}' for s in scores)}"
+        )
     return 0
 
 

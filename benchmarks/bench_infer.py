@@ -62,7 +62,9 @@ def time_ms(run: Callable[[], object], reps: int, warmup: int, sync: Callable[[]
 
 def row(model: str, size: int, engine: str, device: str, threads: str, batch: int, times: list[float]) -> Row:
     p50, p95 = np.percentile(times, [50, 95])
-    return Row(model, MODELS.get(model, "?"), size, engine, device, threads, batch, p50, p95, batch * 1000 / np.mean(times))
+    return Row(
+        model, MODELS.get(model, "?"), size, engine, device, threads, batch, p50, p95, batch * 1000 / np.mean(times)
+    )
 
 
 def bench_torch(net: DeepLabV3Plus, x: torch.Tensor, device: str, reps: int, warmup: int) -> list[float]:
@@ -88,7 +90,13 @@ def bench_ort(path: Path, x: torch.Tensor, threads: int, provider: str, reps: in
 
 
 def bench_cells(
-    net: DeepLabV3Plus, onnx_path: Path | None, x: torch.Tensor, cpu_threads: list[int], cuda: bool, reps: int, warmup: int
+    net: DeepLabV3Plus,
+    onnx_path: Path | None,
+    x: torch.Tensor,
+    cpu_threads: list[int],
+    cuda: bool,
+    reps: int,
+    warmup: int,
 ) -> Iterator[tuple[str, str, str, list[float]]]:
     """(engine, device, threads, times) for every engine × device × CPU thread count, one by one."""
     for threads in cpu_threads:
@@ -96,7 +104,12 @@ def bench_cells(
         torch.set_num_threads(threads)
         yield "pytorch", "cpu", label, bench_torch(net, x, "cpu", reps, warmup)
         if onnx_path is not None:  # 0: ONNX Runtime's default, one thread per physical core
-            yield "onnxruntime", "cpu", label, bench_ort(onnx_path, x, 1 if threads == 1 else 0, "CPUExecutionProvider", reps, warmup)
+            yield (
+                "onnxruntime",
+                "cpu",
+                label,
+                bench_ort(onnx_path, x, 1 if threads == 1 else 0, "CPUExecutionProvider", reps, warmup),
+            )
     torch.set_num_threads(max(cpu_threads))
     if cuda:
         yield "pytorch", "cuda", "-", bench_torch(net, x, "cuda", reps, warmup)

@@ -56,12 +56,16 @@ def main() -> int:
         train = r.data.metrics.get("time/train_s", float("nan"))
         stage = tags.get("mgd_ray.stage", "?")
         stages[stage].append((r.info.start_time, end, secs, train))
-        print(f"{tags.get('mlflow.runName', r.info.run_id)[:28]:28s} {stage:10s} {tags.get('mgd_ray.state', '?'):14s} {secs:8.1f} {train:8.1f}")
+        print(
+            f"{tags.get('mlflow.runName', r.info.run_id)[:28]:28s} {stage:10s} {tags.get('mgd_ray.state', '?'):14s} {secs:8.1f} {train:8.1f}"
+        )
     print(f"\n{'stage':10s} {'wall s':>8s} {'runs':>5s} {'run-seconds':>12s}")
     for stage, items in stages.items():
         span = (max(e for _, e, _, _ in items) - min(s for s, _, _, _ in items)) / 1000
         print(f"{stage:10s} {span:8.1f} {len(items):5d} {sum(s for _, _, s, _ in items):12.1f}")
-    print(f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {next(work.glob('mgd_ray_runs/*/*/report/report.md'), None)}")
+    print(
+        f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {next(work.glob('mgd_ray_runs/*/*/report/report.md'), None)}"
+    )
     print("\ndisk left in the working directory (MiB):")
     sizes = {p.name: disk_bytes(p) for p in sorted(work.iterdir())}
     for name, size in sizes.items():

@@ -251,7 +251,12 @@ def main() -> None:
         help="ONEDNN_PRIMITIVE_CACHE_CAPACITY for the rows (CPU). oneDNN's default of 1024 primitives is too few "
         "for two teachers + a student: primitives are rebuilt every step and CPU steps run many times slower",
     )
-    p.add_argument("--fast-precision", choices=("fp32", "bf16"), default=None, help="teacher precision of the 'fast' row (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--fast-precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="teacher precision of the 'fast' row (default: bf16 on GPU, fp32 on CPU)",
+    )
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = p.parse_args()
     if args.row is not None:
@@ -292,14 +297,18 @@ def main() -> None:
         )
     cached = results.get("cache")
     if cached is not None:
-        print(f"\ncache size: {cached['cache_bytes_per_step'] / 1024:.1f} KiB per step (Parquet, zstd) = "
-              f"{cached['cache_bytes_per_step'] / (2 * args.batch) / 1024:.1f} KiB per unlabeled image")
+        print(
+            f"\ncache size: {cached['cache_bytes_per_step'] / 1024:.1f} KiB per step (Parquet, zstd) = "
+            f"{cached['cache_bytes_per_step'] / (2 * args.batch) / 1024:.1f} KiB per unlabeled image"
+        )
         flops = cached["student_flops"]
         print(f"student step (fwd+bwd, x_l and x_mix): {flops / 1e9:.2f} GFLOP")
         for row, r in results.items():
             student_s = r["step_s"] - r["teacher_s"]
-            print(f"  {LABELS[row]:<58} student part {1e3 * student_s:8.1f} ms = {flops / student_s / 1e9:7.1f} GFLOP/s "
-                  f"({100 * flops / student_s / 1e9 / peak:.0f}% of matmul)")
+            print(
+                f"  {LABELS[row]:<58} student part {1e3 * student_s:8.1f} ms = {flops / student_s / 1e9:7.1f} GFLOP/s "
+                f"({100 * flops / student_s / 1e9 / peak:.0f}% of matmul)"
+            )
     print(f"fp32 matmul {n}×{n}: {peak:.1f} GFLOP/s")
 
 

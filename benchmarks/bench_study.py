@@ -150,15 +150,22 @@ def main() -> int:
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
         results[variant] = measure(client, study["name"]) | {"wall_s": wall, "name": study["name"]}
         r = results[variant]
-        print(f"  {variant:11s} done in {wall:6.0f} s (search {r['span_s']:.0f} s, teachers trained {r['teacher_s']:.0f} s)", flush=True)
+        print(
+            f"  {variant:11s} done in {wall:6.0f} s (search {r['span_s']:.0f} s, teachers trained {r['teacher_s']:.0f} s)",
+            flush=True,
+        )
 
     ref = results.get("live")
-    print(f"\n{'variant':11s} {'search wall s':>13s} {'trial-s':>8s} {'cache s':>8s} {'cost s':>8s} {'vs live':>8s} {'best last mIoU':>14s}  states")
+    print(
+        f"\n{'variant':11s} {'search wall s':>13s} {'trial-s':>8s} {'cache s':>8s} {'cost s':>8s} {'vs live':>8s} {'best last mIoU':>14s}  states"
+    )
     for variant, r in results.items():
         cost = r["trial_s"] + r["cache_s"]
         rel = f"{cost / (ref['trial_s'] + ref['cache_s']):7.2f}x" if ref else "      -"
         states = ", ".join(f"{k} {v}" for k, v in sorted(r["states"].items()))
-        print(f"{variant:11s} {r['span_s'] + r['cache_s']:13.0f} {r['trial_s']:8.0f} {r['cache_s']:8.0f} {cost:8.0f} {rel:>8s} {100 * r['last']:14.2f}  {states}")
+        print(
+            f"{variant:11s} {r['span_s'] + r['cache_s']:13.0f} {r['trial_s']:8.0f} {r['cache_s']:8.0f} {cost:8.0f} {rel:>8s} {100 * r['last']:14.2f}  {states}"
+        )
     print("cost = trial-seconds + cache-stage seconds; 'live' = N independent trials (target for cache+asha: <= 0.35x)")
 
     if ref is None or args.no_plain:
@@ -169,7 +176,10 @@ def main() -> int:
     threads = int(resources.get("cpus_per_worker", 1))
     trials = sorted(ref["trials"], key=lambda r: r.info.start_time)[: args.plain_trials]
     configs = plain_configs(work, ref["name"], trials)
-    print(f"\nplain loops: {len(configs)} of the live trials, {concurrent} at a time, {threads} thread(s) each", flush=True)
+    print(
+        f"\nplain loops: {len(configs)} of the live trials, {concurrent} at a time, {threads} thread(s) each",
+        flush=True,
+    )
     start = time.time()
     with ProcessPoolExecutor(concurrent, mp_context=get_context("spawn")) as pool:
         seconds = list(pool.map(_plain_trial, [(c, threads) for c in configs]))
@@ -179,11 +189,17 @@ def main() -> int:
     fit_s = sum(r.data.metrics.get("time/train_s", _duration(r)) for r in trials)
     print(f"\n{len(trials)} trials{'':19s} {'Ray/Tune/MLflow':>15s} {'plain loops':>12s} {'overhead':>9s}")
     if len(trials) == len(ref["trials"]):
-        print(f"{'search wall (s)':28s} {ref['span_s']:15.0f} {plain_wall:12.0f} {100 * (ref['span_s'] / plain_wall - 1):8.1f}%")
+        print(
+            f"{'search wall (s)':28s} {ref['span_s']:15.0f} {plain_wall:12.0f} {100 * (ref['span_s'] / plain_wall - 1):8.1f}%"
+        )
     print(f"{'trial-seconds':28s} {tune_s:15.0f} {plain_s:12.0f} {100 * (tune_s / plain_s - 1):8.1f}%")
     print(f"{'  from Train start to plots':28s} {fit_s:15.0f} {plain_s:12.0f} {100 * (fit_s / plain_s - 1):8.1f}%")
-    print(f"per trial: {(tune_s - plain_s) / len(trials):.1f} s of orchestration on {plain_s / len(trials):.1f} s of training")
-    print("overhead target: <= 10% of trial time (Ray worker start, Tune, MLflow logging, checkpoints, final eval and plots)")
+    print(
+        f"per trial: {(tune_s - plain_s) / len(trials):.1f} s of orchestration on {plain_s / len(trials):.1f} s of training"
+    )
+    print(
+        "overhead target: <= 10% of trial time (Ray worker start, Tune, MLflow logging, checkpoints, final eval and plots)"
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -135,7 +135,9 @@ def rebuild(record: SegmenterRecord, weights: dict[str, Tensor]) -> DeepLabV3Plu
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{record.path}: weights do not fit a {record.model_cfg.backbone} segmenter ({err})") from err
+        raise CheckpointError(
+            f"{record.path}: weights do not fit a {record.model_cfg.backbone} segmenter ({err})"
+        ) from err
     return model
 
 

@@ -32,8 +32,11 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from mgd_ray.data.partitions import manifest_meta, prepare_builtin, read_manifest
 
     if args.dataset != "voc" and (args.download or args.protocol != "classic"):
-        print("mgd-ray data prepare: --download and --protocol apply to voc only (Cityscapes needs a login: "
-              "download its two zips into --root yourself)", file=sys.stderr)
+        print(
+            "mgd-ray data prepare: --download and --protocol apply to voc only (Cityscapes needs a login: "
+            "download its two zips into --root yourself)",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.dataset == "voc":
@@ -208,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study", help="study file (see studies/)")
     run.add_argument("--resume", action="store_true", help="continue the last interrupted run of this study")
     run.add_argument("--smoke", action="store_true", help="the same study shrunk to seconds on tiny built-in data")
-    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the study's mlflow.tracking_uri)")
+    run.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (overrides the study's mlflow.tracking_uri)"
+    )
     run.add_argument("--storage", default=None, help="storage path (overrides the study's storage_path)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
     run.set_defaults(func=_cmd_run)
@@ -222,16 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data_sub.add_parser("prepare", help="build a dataset's files and its Parquet manifest")
     prepare.add_argument("dataset", choices=("builtin", "voc", "cityscapes"))
     prepare.add_argument(
-        "--root", required=True,
+        "--root",
+        required=True,
         help="builtin: where to generate it; voc: holds (or receives) the VOC and SBD archives; "
         "cityscapes: holds leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip",
     )
     prepare.add_argument("--fraction", default="1/16", help="labeled fraction: 1/16, 1/8, 1/4 or 1/2")
     prepare.add_argument("--seed", type=int, default=0, help="partition seed (builtin)")
-    prepare.add_argument("--protocol", default="classic", choices=("classic", "pseudoseg"),
-                         help="voc: train_aug partitions (classic) or PseudoSeg's few-label ones")
-    prepare.add_argument("--download", action="store_true",
-                         help="voc: download VOC2012 (2 GB) and SBD (1.4 GB) when they are not in --root")
+    prepare.add_argument(
+        "--protocol",
+        default="classic",
+        choices=("classic", "pseudoseg"),
+        help="voc: train_aug partitions (classic) or PseudoSeg's few-label ones",
+    )
+    prepare.add_argument(
+        "--download",
+        action="store_true",
+        help="voc: download VOC2012 (2 GB) and SBD (1.4 GB) when they are not in --root",
+    )
     prepare.set_defaults(func=_cmd_data_prepare)
 
     model_help = "checkpoint file (model.pt), MLflow run id, or models:/name/version"
@@ -242,8 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders of them (jpg/png)")
     predict.add_argument("--out", required=True, help="folder for <name>.png masks and <name>_overlay.png")
     predict.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
-    predict.add_argument("--window", type=_window_arg, default="auto",
-                         help="sliding window: auto (the training crop, for larger images), none, or a size")
+    predict.add_argument(
+        "--window",
+        type=_window_arg,
+        default="auto",
+        help="sliding window: auto (the training crop, for larger images), none, or a size",
+    )
     predict.add_argument("--classes", default=None, help=classes_help)
     predict.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     predict.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help=uri_help)

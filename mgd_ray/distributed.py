@@ -132,8 +132,13 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
             ref = next(child.parameters(), child.running_mean)
             bn = GlobalBatchNorm2d(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
-                device=ref.device, dtype=ref.dtype,
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+                device=ref.device,
+                dtype=ref.dtype,
             )
             bn.load_state_dict(child.state_dict())
             bn.train(child.training)

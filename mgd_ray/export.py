@@ -85,7 +85,12 @@ def _check(run: Callable[[np.ndarray], np.ndarray], model: nn.Module, what: str)
 
 
 def write_onnx(
-    model: DeepLabV3Plus, out: Path, *, opset: int = DEFAULT_OPSET, metadata: dict[str, Any] | None = None, check: bool = True
+    model: DeepLabV3Plus,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, Any] | None = None,
+    check: bool = True,
 ) -> Path:
     """ONNX file of ``model``'s logits (torch.onnx's dynamo exporter) with dynamic batch, height and width."""
     net = LogitsOnly(model).eval()
@@ -109,7 +114,9 @@ def write_onnx(
     return _atomic_write(out, write)
 
 
-def write_torchscript(model: DeepLabV3Plus, out: Path, *, metadata: dict[str, Any] | None = None, check: bool = True) -> Path:
+def write_torchscript(
+    model: DeepLabV3Plus, out: Path, *, metadata: dict[str, Any] | None = None, check: bool = True
+) -> Path:
     """Traced TorchScript of ``model``'s logits; sizes stay symbolic in the trace, so any N, H, W run."""
     net = LogitsOnly(model).eval()
 

@@ -38,7 +38,9 @@ def recorded_evaluation(path: Path) -> FinalEval:
     """
     record, _ = read_segmenter(path)
     if record.confusion is None:
-        raise CheckpointError(f"{path}: no recorded val confusion matrix (written by an older mgd_ray); evaluate it with `mgd-ray predict`")
+        raise CheckpointError(
+            f"{path}: no recorded val confusion matrix (written by an older mgd_ray); evaluate it with `mgd-ray predict`"
+        )
     matrix = torch.tensor(record.confusion, dtype=torch.int64)
     return FinalEval(confusion=matrix.numpy(), miou=float(mean_iou(matrix)), class_names=record.class_names)
 
@@ -87,4 +89,3 @@ def load_examples(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict[
         [entries[f"truth/{i}"] for i in range(count)],
         {name: [entries[f"pred/{name}/{i}"] for i in range(count)] for name in names},
     )
-

@@ -89,7 +89,10 @@ def hard_pseudo_labels(teacher: Tensor) -> Tensor:
 
 
 def pixel_consistency_loss(
-    student_logits: Tensor, teacher: Tensor, ignore_index: int = IGNORE_INDEX, batch_reduction: BatchReduction | None = None
+    student_logits: Tensor,
+    teacher: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    batch_reduction: BatchReduction | None = None,
 ) -> Tensor:
     """Eq. 2: CE between the student and one teacher's hard pseudo labels.
 

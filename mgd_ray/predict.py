@@ -114,7 +114,9 @@ def resolve_model(ref: str | Path, tracking_uri: str | None = None, dest: Path |
     try:
         if version is not None:  # the registry's storage location: models:/ alone would use the default registry
             location = client_for(tracking_uri).get_model_version_download_uri(version.name, version.version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=tracking_uri)
+        )
     except (MlflowException, OSError) as err:
         raise CheckpointError(f"{text}: cannot download {location} from MLflow at {tracking_uri} ({err})") from err
     found = _checkpoint_in(local)

@@ -63,7 +63,9 @@ class TeacherSignals:
     feats_mix: Tensor | None = None  # decoder features on x_mix (region level); a cache holds them pooled
 
 
-def teacher_signals(teacher: nn.Module, b: Batch, pixel: bool, image: bool, region: bool, batched: bool) -> TeacherSignals:
+def teacher_signals(
+    teacher: nn.Module, b: Batch, pixel: bool, image: bool, region: bool, batched: bool
+) -> TeacherSignals:
     """Run a frozen teacher on exactly the inputs whose outputs some loss uses.
 
     Teachers run under ``inference_mode``; the signals are cloned out of it because a loss may save
@@ -77,7 +79,9 @@ def teacher_signals(teacher: nn.Module, b: Batch, pixel: bool, image: bool, regi
     return TeacherSignals(*(None if t is None else t.clone() for t in (s.pl_l, s.pl_mix, s.logits_mix, s.feats_mix)))
 
 
-def _teacher_signals(teacher: nn.Module, b: Batch, pixel: bool, image: bool, region: bool, batched: bool) -> TeacherSignals:
+def _teacher_signals(
+    teacher: nn.Module, b: Batch, pixel: bool, image: bool, region: bool, batched: bool
+) -> TeacherSignals:
     inputs: dict[str, Tensor] = {}
     if pixel:
         inputs |= {"u0": b.u0, "u1": b.u1, "x_l": b.x_l}
@@ -158,7 +162,13 @@ def load_teachers(cfg: DistillJobConfig, num_classes: int, device: torch.device)
     """A distillation's frozen teachers, run as its ``teacher_mode``/``_precision``/``_channels_last`` say."""
     return {
         name: load_teacher(
-            ref, num_classes, device, f"teacher {name}", cfg.teacher_mode, cfg.teacher_precision, cfg.teacher_channels_last
+            ref,
+            num_classes,
+            device,
+            f"teacher {name}",
+            cfg.teacher_mode,
+            cfg.teacher_precision,
+            cfg.teacher_channels_last,
         )
         for name, ref in cfg.teachers.items()
     }

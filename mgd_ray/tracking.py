@@ -54,7 +54,10 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 def find_run(client: MlflowClient, experiment_ids: list[str], key: str) -> Any | None:
     """The newest non-deleted run tagged with ``key``, or None."""
     runs = client.search_runs(
-        experiment_ids, filter_string=f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time DESC"], max_results=1
+        experiment_ids,
+        filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     return runs[0] if runs else None
 
@@ -178,7 +181,11 @@ def log_served_model(uri: str, run_id: str, model: nn.Module, size: int, registe
         # "pickle" keeps dynamic batch and image sizes (MLflow's default "pt2" would fix the example's
         # shape); loading needs mgd_ray installed. The ONNX/TorchScript exports have no such need.
         info = mlflow.pytorch.log_model(
-            served, name="best_student", signature=signature, input_example=example.numpy(), serialization_format="pickle",
+            served,
+            name="best_student",
+            signature=signature,
+            input_example=example.numpy(),
+            serialization_format="pickle",
             pip_requirements=served_requirements(),
         )
     if registered_name is None:

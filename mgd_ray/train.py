@@ -185,4 +185,6 @@ def run_job(
     trainer = make_trainer(cfg, scaling, storage, name, max_failures)
     result = trainer.fit()
     model_path = copy_exported_model(result, cfg.output)
-    return JobResult(metrics=dict(result.metrics or {}), history=job_history(result), model_path=model_path, result=result)
+    return JobResult(
+        metrics=dict(result.metrics or {}), history=job_history(result), model_path=model_path, result=result
+    )

@@ -63,7 +63,9 @@ def test_unusable_files_are_refused_naming_the_file_and_the_fix(tmp_path, saved)
     with pytest.raises(CheckpointError, match=r"junk\.pt: not a readable PyTorch checkpoint"):
         read_segmenter(tmp_path / "junk.pt")
     torch.save({"format": "something/else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=rf"other\.pt: not an mgd_ray segmenter checkpoint \({CHECKPOINT_FORMAT}\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"other\.pt: not an mgd_ray segmenter checkpoint \({CHECKPOINT_FORMAT}\)"
+    ):
         read_segmenter(tmp_path / "other.pt")
     raw = torch.load(saved[0], weights_only=True)
     torch.save(raw | {"model": {"backbone": "resnet9"}}, tmp_path / "bad_model.pt")
@@ -79,5 +81,7 @@ def test_load_segmenter_checks_what_the_job_expects(saved, tiny_job_data):
     loaded = load_segmenter(path, cfg, tiny_job_data.num_classes)
     assert torch.equal(next(iter(loaded.state_dict().values())), next(iter(net.state_dict().values())))
     assert load_segmenter(path, None, tiny_job_data.num_classes).output_stride == 8  # any architecture
-    with pytest.raises(CheckpointError, match=r"holds a mobilenet_v2 \(output stride 8, stem plain\) but the config expects"):
+    with pytest.raises(
+        CheckpointError, match=r"holds a mobilenet_v2 \(output stride 8, stem plain\) but the config expects"
+    ):
         load_segmenter(path, cfg.model_copy(update={"output_stride": 16}), tiny_job_data.num_classes, "teacher T_W")

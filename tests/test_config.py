@@ -13,7 +13,10 @@ from mgd_ray.config import (
 
 
 def test_defaults_follow_the_official_code():
-    cfg = parse_job_config("student", {"teachers": {"T_D": {"model": {}, "checkpoint": "a.pt"}, "T_W": {"model": {}, "checkpoint": "b.pt"}}})
+    cfg = parse_job_config(
+        "student",
+        {"teachers": {"T_D": {"model": {}, "checkpoint": "a.pt"}, "T_W": {"model": {}, "checkpoint": "b.pt"}}},
+    )
     assert (cfg.losses.lambda_1, cfg.losses.lambda_2, cfg.losses.pool_size) == (0.002, 100.0, 7)
     assert cfg.losses.image_reduction == "sum" and cfg.teacher_mode == "eval"
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.poly_power) == (0.9, 1e-4, 0.9)
@@ -42,7 +45,9 @@ def test_partition_spelling_is_normalised():
 
 
 def test_relative_paths_become_absolute():
-    cfg = parse_job_config("student", {"teachers": {"T_D": {"model": {}, "checkpoint": "t/model.pt"}}, "losses": {"region_teachers": []}})
+    cfg = parse_job_config(
+        "student", {"teachers": {"T_D": {"model": {}, "checkpoint": "t/model.pt"}}, "losses": {"region_teachers": []}}
+    )
     fixed = absolute_paths(cfg, Path("/base"))
     assert fixed.teachers["T_D"].checkpoint == Path("/base/t/model.pt")
     assert fixed.data.root == Path("/base/data/builtin")

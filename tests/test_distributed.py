@@ -144,7 +144,10 @@ def test_losses_over_the_global_batch(tmp_path):
     per_rank = sum(F.cross_entropy(logits[r : r + 2], target[r : r + 2], ignore_index=255) for r in (0, 2)) / 2
     assert abs(per_rank - losses.supervised_loss(logits, target)) > 1e-2
     # OHEM: the mean runs over the kept pixels of both ranks.
-    kept = [losses.ohem_cross_entropy(logits[r : r + 2], target[r : r + 2], min_kept=5, batch_reduction=_Count()) for r in (0, 2)]
+    kept = [
+        losses.ohem_cross_entropy(logits[r : r + 2], target[r : r + 2], min_kept=5, batch_reduction=_Count())
+        for r in (0, 2)
+    ]
     total, count = zip(*kept, strict=True)
     expected = sum(total) / sum(count)
     torch.testing.assert_close((parts[0]["ohem"][0] + parts[1]["ohem"][0]) / 2, expected)
@@ -192,13 +195,18 @@ def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_da
     def raw(workers: int, extra: dict) -> dict:
         per_worker = 4 // workers
         return {
-            "data": tiny_data_cfg | {"scales": [0.75, 1.0], "manifest": str(tiny_job_data.manifest)},  # padding: ignored pixels
+            "data": tiny_data_cfg
+            | {"scales": [0.75, 1.0], "manifest": str(tiny_job_data.manifest)},  # padding: ignored pixels
             "optim": {"scale_lr_with_world_size": False},
-            "schedule": tiny_schedule | {"iterations": steps, "eval_every": 1, "batch_labeled": per_worker, "batch_unlabeled": per_worker},
+            "schedule": tiny_schedule
+            | {"iterations": steps, "eval_every": 1, "batch_labeled": per_worker, "batch_unlabeled": per_worker},
             **extra,
         }
 
-    jobs = {"cps": ("teacher", {"model": {"backbone": "resnet18"}}), "mean_teacher": ("baseline", {"method": "mean_teacher"})}
+    jobs = {
+        "cps": ("teacher", {"model": {"backbone": "resnet18"}}),
+        "mean_teacher": ("baseline", {"method": "mean_teacher"}),
+    }
     two = spawn(job_ranks, tmp_path, {n: (k, raw(2, e)) for n, (k, e) in jobs.items()})
     for name, (kind, extra) in jobs.items():
         one = float64_job(kind, raw(1, extra))

@@ -42,16 +42,23 @@ def _independent_confusion(path: Path, data) -> np.ndarray:
     return counts
 
 
-@pytest.mark.parametrize("kind,runner,extra", [
-    ("baseline", run_baseline, {"method": "supervised"}),
-    ("teacher", run_teacher, {"model": {"backbone": "mobilenet_v2"}}),  # two branches: the exported one's matrix
-])
-def test_recorded_confusion_is_the_exported_networks_own(kind, runner, extra, tiny_data_cfg, tiny_job_data, tiny_schedule, tmp_path):
+@pytest.mark.parametrize(
+    "kind,runner,extra",
+    [
+        ("baseline", run_baseline, {"method": "supervised"}),
+        ("teacher", run_teacher, {"model": {"backbone": "mobilenet_v2"}}),  # two branches: the exported one's matrix
+    ],
+)
+def test_recorded_confusion_is_the_exported_networks_own(
+    kind, runner, extra, tiny_data_cfg, tiny_job_data, tiny_schedule, tmp_path
+):
     metrics, path = _run(kind, runner, tiny_data_cfg, tiny_schedule, tmp_path, extra)
     final = recorded_evaluation(path)
     expected = _independent_confusion(path, tiny_job_data)
     np.testing.assert_array_equal(final.confusion, expected)
-    assert final.confusion.sum() == sum(int((item["label"] < tiny_job_data.num_classes).sum()) for item in tiny_job_data.val)
+    assert final.confusion.sum() == sum(
+        int((item["label"] < tiny_job_data.num_classes).sum()) for item in tiny_job_data.val
+    )
     assert final.miou == pytest.approx(metrics["val/mIoU"])
     assert final.class_names == tiny_job_data.class_names
 
@@ -59,7 +66,10 @@ def test_recorded_confusion_is_the_exported_networks_own(kind, runner, extra, ti
 def test_a_record_without_a_confusion_matrix_is_refused_by_name(tiny_job_data, tmp_path):
     path = tmp_path / "old.pt"
     cfg = parse_job_config("baseline", {}).student
-    torch.save(segmenter_record(build_segmenter("resnet18", tiny_job_data.num_classes), cfg, tiny_job_data, 32, "student"), path)
+    torch.save(
+        segmenter_record(build_segmenter("resnet18", tiny_job_data.num_classes), cfg, tiny_job_data, 32, "student"),
+        path,
+    )
     with pytest.raises(ValueError, match=r"old\.pt: no recorded val confusion matrix"):
         recorded_evaluation(path)
 
@@ -70,7 +80,10 @@ def test_saved_examples_load_back_as_the_teachers_own_predictions(tiny_job_data,
     for name, seed in (("T_D", 0), ("T_W", 1)):
         torch.manual_seed(seed)
         paths[name] = tmp_path / f"{name}.pt"
-        torch.save(segmenter_record(build_segmenter("resnet18", tiny_job_data.num_classes), cfg, tiny_job_data, 32, "teacher"), paths[name])
+        torch.save(
+            segmenter_record(build_segmenter("resnet18", tiny_job_data.num_classes), cfg, tiny_job_data, 32, "teacher"),
+            paths[name],
+        )
     saved = save_examples(tmp_path / "examples.npz", paths, tiny_job_data, count=3)
     images, truths, preds = load_examples(saved)
     assert len(images) == len(truths) == 3 and list(preds) == ["T_D", "T_W"]

@@ -20,7 +20,20 @@ LAYERS = [
     ("cli", "__main__"),
 ]
 # Plain functions of a config that run under Ray Train, torchrun or a test alike.
-RAY_FREE = ("config", "distributed", "data", "models", "losses", "metrics", "checkpoint", "teachers", "teacher_cache", "jobs", "study.config", "study.plan")
+RAY_FREE = (
+    "config",
+    "distributed",
+    "data",
+    "models",
+    "losses",
+    "metrics",
+    "checkpoint",
+    "teachers",
+    "teacher_cache",
+    "jobs",
+    "study.config",
+    "study.plan",
+)
 
 
 def module_name(path: Path) -> str:

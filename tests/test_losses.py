@@ -81,9 +81,7 @@ def test_image_level_loss_by_hand():
 def test_image_level_sum_over_batch(rng):
     s = rng.normal(size=(3, 4, 5, 5))
     t = rng.normal(size=(3, 4, 5, 5))
-    expected = sum(
-        abs(s[b, c].mean() - t[b, c].mean()) for b in range(3) for c in range(4)
-    )
+    expected = sum(abs(s[b, c].mean() - t[b, c].mean()) for b in range(3) for c in range(4))
     got = losses.image_level_loss(torch.from_numpy(s), torch.from_numpy(t)).item()
     assert got == pytest.approx(expected, rel=1e-9)
     got_mean = losses.image_level_loss(torch.from_numpy(s), torch.from_numpy(t), reduction="mean").item()
@@ -95,9 +93,7 @@ def test_self_similarity_by_hand():
     feats = torch.tensor([[[[1.0, 0.0], [1.0, -3.0]], [[0.0, 2.0], [1.0, 0.0]]]])
     m = losses.self_similarity(feats, pool_size=2)[0]
     r = 1 / math.sqrt(2)
-    expected = torch.tensor(
-        [[1, 0, r, -1], [0, 1, r, 0], [r, r, 1, -r], [-1, 0, -r, 1]], dtype=torch.float32
-    )
+    expected = torch.tensor([[1, 0, r, -1], [0, 1, r, 0], [r, r, 1, -r], [-1, 0, -r, 1]], dtype=torch.float32)
     torch.testing.assert_close(m, expected, atol=1e-6, rtol=0)
 
 
@@ -226,5 +222,7 @@ def test_cps_loss_with_given_pseudo_labels(rng):
     a = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     b = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     pl_a, pl_b = rng.integers(0, 3, (1, 4, 4)), rng.integers(0, 3, (1, 4, 4))
-    got = losses.cps_loss(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(pl_a), torch.from_numpy(pl_b)).item()
+    got = losses.cps_loss(
+        torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(pl_a), torch.from_numpy(pl_b)
+    ).item()
     assert got == pytest.approx(np_ce(a, pl_b) + np_ce(b, pl_a), rel=1e-5)

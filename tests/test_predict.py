@@ -157,7 +157,15 @@ def test_checkpoint_of_other_class_list_is_refused(tmp_path, student_ckpt, image
     with pytest.raises(CheckpointError, match=r"predicts classes \['background', 'striped_disc'.*'cat', 'dog'"):
         load_checkpoint(student_ckpt, expect_classes=other)
     (tmp_path / "classes.txt").write_text("\n".join(other))
-    args = ["predict", str(student_ckpt), str(image_dir), "--out", str(tmp_path / "o"), "--classes", str(tmp_path / "classes.txt")]
+    args = [
+        "predict",
+        str(student_ckpt),
+        str(image_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--classes",
+        str(tmp_path / "classes.txt"),
+    ]
     assert main(args) == 2
     assert "expected" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
@@ -198,7 +206,10 @@ def test_resolve_model_paths_run_ids_and_registered_versions(tmp_path, student_c
     for i, ref in enumerate([run_id, "models:/student/1", "models:/student/2", f"runs:/{run_id}/checkpoint/model.pt"]):
         path = resolve_model(ref, uri, dest=tmp_path / f"dl{i}")
         assert path.name == "model.pt" and path.read_bytes() == expected, ref
-    with pytest.raises(CheckpointError, match=f"no run {'f' * 32} with checkpoint/model.pt or best_student_checkpoint/model.pt or model/model.pt"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"no run {'f' * 32} with checkpoint/model.pt or best_student_checkpoint/model.pt or model/model.pt",
+    ):
         resolve_model("f" * 32, uri, dest=tmp_path / "dl_missing")
     with pytest.raises(CheckpointError, match="models:/student/9: no such registered model version"):
         resolve_model("models:/student/9", uri, dest=tmp_path / "dl_missing")

@@ -70,7 +70,9 @@ def live_run(tmp_path_factory, tiny_data_cfg, tiny_schedule, teacher_ckpt, secon
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distill, "distill_terms", record)
-        reports = run_job(job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher), tmp_path_factory.mktemp("live"))
+        reports = run_job(
+            job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher), tmp_path_factory.mktemp("live")
+        )
     return reports, seen
 
 
@@ -92,7 +94,9 @@ def test_cache_gives_the_same_loss_curve_without_running_teachers(
 
     monkeypatch.setattr(distill, "step_signals", no_teachers)
     monkeypatch.setattr(distill, "load_teachers", no_teachers)  # not even loaded (a trial's start-up time)
-    cached = run_job(job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, cache=cache_dir[0]), tmp_path / "cached")
+    cached = run_job(
+        job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, cache=cache_dir[0]), tmp_path / "cached"
+    )
     assert [r["step"] for r in cached] == [r["step"] for r in live] == [2, 4]
     for a, b in zip(live, cached, strict=True):
         terms = [k for k in a if k.startswith("loss/")]
@@ -109,7 +113,9 @@ def test_partial_cache_serves_its_steps_then_loads_and_runs_teachers(
     raw = job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher)
     build_cache(parse_job_config("student", raw), tmp_path / "c", pool_sizes=[4], iterations=2, verbose=False)
     live = live_run[0]
-    cached = run_job(job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, cache=tmp_path / "c"), tmp_path / "cached")
+    cached = run_job(
+        job_raw(tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, cache=tmp_path / "c"), tmp_path / "cached"
+    )
     assert "steps 3..4 run the teachers" in capsys.readouterr().out
     assert [r["cache/hit_rate"] for r in cached] == [1.0, 0.0]
     for a, b in zip(live, cached, strict=True):
@@ -151,7 +157,9 @@ def test_key_mismatch_messages(tmp_path, tiny_data_cfg, tiny_schedule, teacher_c
     assert not status.hit and "teacher channels_last differs (cache false, job true)" in status.reason
     # Another world size: no key file for it.
     status, _ = check_cache(parse_job_config("student", base), world_size=2, rank=1)
-    assert not status.hit and "no key file rank1-of-2.json" in status.reason and "found rank0-of-1.json" in status.reason
+    assert (
+        not status.hit and "no key file rank1-of-2.json" in status.reason and "found rank0-of-1.json" in status.reason
+    )
     # A missing directory.
     status, _ = check_cache(parse_job_config("student", base | {"teacher_cache": str(tmp_path / "none")}))
     assert not status.hit and "missing or was not finished" in status.reason
@@ -162,7 +170,10 @@ def test_stored_signals_sizes_and_values(cache_dir, tiny_data_cfg, tiny_schedule
     parquet, key_file = cache_files(out, 0, 1)
     key = json.loads(key_file.read_text())
     assert key["iterations"] == 4 and key["pool_sizes"] == POOLS and key["key"]["seed"] == 0
-    assert key["signals"] == {"T_D": ["pl_l", "pl_mix", "logits_mix"], "T_W": ["pl_l", "pl_mix", "feats_mix@2", "feats_mix@4"]}
+    assert key["signals"] == {
+        "T_D": ["pl_l", "pl_mix", "logits_mix"],
+        "T_W": ["pl_l", "pl_mix", "feats_mix@2", "feats_mix@4"],
+    }
     cols = key["columns"]
     assert cols["T_D/pl_l"] == {"dtype": "uint8", "shape": [2, 32, 32]}
     assert cols["T_W/pl_mix"] == {"dtype": "uint8", "shape": [2, 32, 32]}
@@ -203,7 +214,8 @@ def test_pooled_teacher_terms_equal_full_map_terms():
         pooled = losses.region_level_loss(s_feats, losses.region_vectors(t_feats, hv), hv)
         assert torch.equal(full, pooled)
     assert torch.equal(
-        losses.image_level_loss(s_logits, t_logits), losses.image_level_loss(s_logits, losses.global_semantic_vector(t_logits))
+        losses.image_level_loss(s_logits, t_logits),
+        losses.image_level_loss(s_logits, losses.global_semantic_vector(t_logits)),
     )
 
 
@@ -239,7 +251,9 @@ def test_build_for_two_ranks(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckp
     assert t0["T_D/pl_l"][0].as_py() != t1["T_D/pl_l"][0].as_py()
 
 
-def test_build_runs_with_the_given_threads_and_restores_the_callers(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, monkeypatch):
+def test_build_runs_with_the_given_threads_and_restores_the_callers(
+    tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckpt, second_teacher, monkeypatch
+):
     import mgd_ray.teacher_cache.build as tc
 
     during = []

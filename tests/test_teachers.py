@@ -45,7 +45,10 @@ def test_channels_last_teacher_gives_the_same_signals(make_batch):
     b = make_batch(3)
     plain = teacher_signals(net, b, True, True, True, batched=True)
     nhwc = FrozenTeacher(copy.deepcopy(net), channels_last=True).eval()
-    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in nhwc.parameters())
+    assert any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in nhwc.parameters()
+    )
     fast = teacher_signals(nhwc, b, True, True, True, batched=True)
     assert fast.feats_mix.is_contiguous() and fast.feats_mix.dtype == torch.float32
     torch.testing.assert_close(fast.logits_mix, plain.logits_mix, rtol=1e-4, atol=1e-4)
@@ -71,7 +74,10 @@ def test_bf16_teacher_runs_in_bf16_and_returns_float32_close_to_fp32(make_batch)
 def test_load_teachers_applies_the_execution_options(student_cfg):
     cfg = student_cfg().model_copy(update={"teacher_precision": "bf16", "teacher_channels_last": True})
     teachers = load_teachers(cfg, 6, torch.device("cpu"))
-    assert all(isinstance(t, FrozenTeacher) and t.precision == "bf16" and t.channels_last and not t.training for t in teachers.values())
+    assert all(
+        isinstance(t, FrozenTeacher) and t.precision == "bf16" and t.channels_last and not t.training
+        for t in teachers.values()
+    )
     assert all(not p.requires_grad for t in teachers.values() for p in t.parameters())
     plain = load_teachers(student_cfg(), 6, torch.device("cpu"))
     assert not any(isinstance(t, FrozenTeacher) for t in plain.values())
@@ -81,7 +87,9 @@ def test_roles_follow_the_loss_switches(student_cfg):
     default = teacher_roles(student_cfg())
     assert default == TeacherRoles(("T_D", "T_W"), ("T_D", "T_W"), ("T_D",), ("T_W",))
     assert default.pixel == ("T_D", "T_W")
-    only_w_on_mix = teacher_roles(student_cfg(pixel_teachers=["T_W"], pixel_labeled=False, image_teachers=["T_W", "T_D"]))
+    only_w_on_mix = teacher_roles(
+        student_cfg(pixel_teachers=["T_W"], pixel_labeled=False, image_teachers=["T_W", "T_D"])
+    )
     assert only_w_on_mix == TeacherRoles((), ("T_W",), ("T_W", "T_D"), ("T_W",))
     assert only_w_on_mix.pixel == ("T_W",)
     no_pixel = teacher_roles(student_cfg(pixel_labeled=False, pixel_unlabeled=False, region_teachers=[]))

@@ -22,7 +22,11 @@ def test_served_model_pins_its_requirements_and_loads_back(tmp_path):
     assert model_uri == "models:/s/1"
     local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=uri, dst_path=str(tmp_path / "dl")))
     lines = set((local / "requirements.txt").read_text().split())
-    assert {f"torch=={version('torch')}", f"mgd-ray=={version('mgd-ray')}", f"torchvision=={version('torchvision')}"} <= lines
+    assert {
+        f"torch=={version('torch')}",
+        f"mgd-ray=={version('mgd-ray')}",
+        f"torchvision=={version('torchvision')}",
+    } <= lines
     loaded = mlflow.pytorch.load_model(model_uri)
     x = torch.rand(2, 3, 40, 24)  # another batch and size than the signature's example: dynamic shapes
     with torch.no_grad():

@@ -69,7 +69,10 @@ def run_float64(cfg, workers: int, storage: Path, name: str) -> Result:
 DDP_JOBS = {
     # MGD with every term, the official per-batch "sum" image loss and two teachers.
     "student": lambda ckpt: {
-        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "checkpoint": str(ckpt)}, "T_W": {"model": {"backbone": "resnet18"}, "checkpoint": str(ckpt)}},
+        "teachers": {
+            "T_D": {"model": {"backbone": "resnet18"}, "checkpoint": str(ckpt)},
+            "T_W": {"model": {"backbone": "resnet18"}, "checkpoint": str(ckpt)},
+        },
     },
 }
 # CPS (the teacher job) and Mean Teacher are compared with one worker in tests/test_distributed.py,
@@ -77,7 +80,9 @@ DDP_JOBS = {
 
 
 @pytest.mark.parametrize("kind", list(DDP_JOBS))
-def test_two_workers_match_one_worker_with_same_global_batch(local_ray, tiny_data_cfg, teacher_ckpt, tiny_schedule, tmp_path, kind):
+def test_two_workers_match_one_worker_with_same_global_batch(
+    local_ray, tiny_data_cfg, teacher_ckpt, tiny_schedule, tmp_path, kind
+):
     steps = 4
 
     def curve(workers: int):
@@ -89,7 +94,8 @@ def test_two_workers_match_one_worker_with_same_global_batch(local_ray, tiny_dat
                 # numbers of labeled pixels: the CE must be normalised over the global batch.
                 "data": tiny_data_cfg | {"scales": [0.75, 1.0]},
                 "optim": {"scale_lr_with_world_size": False},
-                "schedule": tiny_schedule | {"iterations": steps, "eval_every": 1, "batch_labeled": per_worker, "batch_unlabeled": per_worker},
+                "schedule": tiny_schedule
+                | {"iterations": steps, "eval_every": 1, "batch_labeled": per_worker, "batch_unlabeled": per_worker},
                 "output": str(tmp_path / f"out{workers}"),
                 **DDP_JOBS[kind](teacher_ckpt),
             },
@@ -125,7 +131,9 @@ def failing_loop(payload: dict) -> dict:
     """``train_loop_per_worker`` whose job reports through ``FailOnce`` (``payload["fault"]``: step, marker)."""
     step, marker = payload.pop("fault")
     job = train.JOBS[payload["kind"]]
-    train.JOBS[payload["kind"]] = lambda cfg, report, root, resume: job(cfg, FailOnce(report, step, Path(marker)), root, resume)
+    train.JOBS[payload["kind"]] = lambda cfg, report, root, resume: job(
+        cfg, FailOnce(report, step, Path(marker)), root, resume
+    )
     return train_loop_per_worker(payload)
 
 
@@ -144,7 +152,11 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
     (tmp_path / "ray").mkdir()
     trainer = TorchTrainer(
         failing_loop,
-        train_loop_config={"kind": cfg.kind, "config": cfg.model_dump(mode="json"), "fault": (4, str(tmp_path / "ray" / "resume.fault"))},
+        train_loop_config={
+            "kind": cfg.kind,
+            "config": cfg.model_dump(mode="json"),
+            "fault": (4, str(tmp_path / "ray" / "resume.fault")),
+        },
         scaling_config=scaling(1),
         run_config=RunConfig(
             name="resume",
@@ -165,29 +177,48 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
 # Every baseline method runs in-process in tests/jobs/test_baselines.py; here the Ray Train worker
 # group runs the job kinds with something of their own to ship: a CPS pair, and a frozen teacher's
 # checkpoint loaded on the worker (the student job: the DDP test below).
-@pytest.mark.parametrize("kind,extra", [
-    ("teacher", {"model": {"backbone": "resnet18"}}),
-    ("baseline", {"method": "kd", "teacher": "T"}),
-])
-def test_every_job_kind_runs_and_reports_miou(local_ray, tiny_data_cfg, teacher_ckpt, tiny_schedule, tmp_path, kind, extra):
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("teacher", {"model": {"backbone": "resnet18"}}),
+        ("baseline", {"method": "kd", "teacher": "T"}),
+    ],
+)
+def test_every_job_kind_runs_and_reports_miou(
+    local_ray, tiny_data_cfg, teacher_ckpt, tiny_schedule, tmp_path, kind, extra
+):
     if extra.get("teacher") == "T":
         extra = extra | {"teacher": {"model": {"backbone": "resnet18"}, "checkpoint": str(teacher_ckpt)}}
-    cfg = parse_job_config(kind, {"data": tiny_data_cfg, "schedule": {**tiny_schedule, "iterations": 2}, "output": str(tmp_path / "out"), **extra})
+    cfg = parse_job_config(
+        kind,
+        {
+            "data": tiny_data_cfg,
+            "schedule": {**tiny_schedule, "iterations": 2},
+            "output": str(tmp_path / "out"),
+            **extra,
+        },
+    )
     out = run_job(cfg, scaling(1), storage_path=tmp_path / "ray", name="job")
     assert out.metrics["step"] == 2
     assert 0.0 <= out.metrics["val/mIoU"] <= 1.0
     assert out.model_path.is_file()
 
 
-def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(local_ray, tiny_data_cfg, tiny_schedule, tmp_path):
+def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(
+    local_ray, tiny_data_cfg, tiny_schedule, tmp_path
+):
     """A trial killed after its job's last step (while logging artifacts) restarts from Tune's last
     checkpoint with nothing left to train: its model must still come from that checkpoint."""
     from mgd_ray.train import copy_exported_model, latest_checkpoint, make_trainer
 
     cfg = parse_job_config(
         "baseline",
-        {"method": "supervised", "data": tiny_data_cfg, "schedule": {**tiny_schedule, "iterations": 2, "eval_every": 2},
-         "output": str(tmp_path / "out")},
+        {
+            "method": "supervised",
+            "data": tiny_data_cfg,
+            "schedule": {**tiny_schedule, "iterations": 2, "eval_every": 2},
+            "output": str(tmp_path / "out"),
+        },
     )
     cfg = with_manifest(cfg)
     local = cfg.output / "checkpoints"
@@ -205,7 +236,9 @@ def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(local_r
 
     tuner = ray.tune.Tuner(
         trial,
-        run_config=ray.tune.RunConfig(storage_path=str(tmp_path / "tune"), name="t", failure_config=ray.tune.FailureConfig(max_failures=1)),
+        run_config=ray.tune.RunConfig(
+            storage_path=str(tmp_path / "tune"), name="t", failure_config=ray.tune.FailureConfig(max_failures=1)
+        ),
     )
     results = tuner.fit()
     assert marker.exists() and not results.errors

@@ -39,7 +39,16 @@ BUILTIN_CLASSES = (
     "shaded_ellipse",
 )
 FASHION_MNIST_CLASSES = (
-    "tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
 )
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
@@ -270,9 +279,7 @@ def load_fashion_mnist(directory: Path, num_item_classes: int) -> dict[int, np.n
     images = _read_idx(directory / FASHION_MNIST_FILES[0], 2051)
     labels = _read_idx(directory / FASHION_MNIST_FILES[1], 2049)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-        raise DatasetError(
-            f"{directory}: expected N×28×28 images and N labels, got {images.shape} and {labels.shape}"
-        )
+        raise DatasetError(f"{directory}: expected N×28×28 images and N labels, got {images.shape} and {labels.shape}")
     groups = {c: images[labels == c] for c in range(num_item_classes)}
     empty = [FASHION_MNIST_CLASSES[c] for c, g in groups.items() if len(g) == 0]
     if empty:
@@ -383,4 +390,3 @@ def generate_builtin(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
-

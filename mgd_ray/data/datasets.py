@@ -28,6 +28,8 @@ SUBSETS = ("labeled", "unlabeled", "val")
 Subset = Literal["labeled", "unlabeled", "val"]
 PairTransform = Callable[[tv_tensors.Image, tv_tensors.Mask | None], tuple[torch.Tensor, torch.Tensor | None]]
 
+# Data tables: one entry after another, as the datasets list them.
+# fmt: off
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -44,6 +46,7 @@ CITYSCAPES_PALETTE = (
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
+# fmt: on
 
 
 def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
@@ -135,10 +138,18 @@ def voc_samples(root: Path, ids: Sequence[str], list_name: str) -> list[Sample]:
         where = f"{list_name} line {line}"
         image = _inside_root(real_root, root / "JPEGImages" / f"{sample_id}.jpg", where)
         label = _inside_root(real_root, label_dir / f"{sample_id}.png", where)
-        _require_file(image, f"image of id {sample_id!r}", where,
-                      "the id is not in this dataset: check the root or restore the image")
-        _require_file(label, f"label of id {sample_id!r}", where,
-                      f"install the SBD train_aug labels into {label_dir} or restore the file")
+        _require_file(
+            image,
+            f"image of id {sample_id!r}",
+            where,
+            "the id is not in this dataset: check the root or restore the image",
+        )
+        _require_file(
+            label,
+            f"label of id {sample_id!r}",
+            where,
+            f"install the SBD train_aug labels into {label_dir} or restore the file",
+        )
         samples.append(Sample(sample_id, image, label))
     return samples
 
@@ -241,9 +252,7 @@ def folder_samples(
     images: dict[str, Path] = {}
     for image in sorted(p for p in image_root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
         if image.stem in images:
-            raise DatasetError(
-                f"{image} and {images[image.stem]}: two images with id {image.stem!r}; keep one of them"
-            )
+            raise DatasetError(f"{image} and {images[image.stem]}: two images with id {image.stem!r}; keep one of them")
         images[image.stem] = image
     samples = []
     real_root = root.resolve()

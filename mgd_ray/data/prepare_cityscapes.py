@@ -42,6 +42,7 @@ CITYSCAPES_EXPECTED = {"train.txt": 2_975, "val.txt": 500}
 # (name, label id, train id), from cityscapesScripts `cityscapesscripts/helpers/labels.py`
 # (https://github.com/mcordts/cityscapesScripts, MIT). Train id 255 or -1 means ignored in training
 # and evaluation; label id -1 (license plate) is never drawn into the label-id PNGs.
+# fmt: off
 CITYSCAPES_LABELS = (
     ("unlabeled", 0, 255), ("ego vehicle", 1, 255), ("rectification border", 2, 255), ("out of roi", 3, 255),
     ("static", 4, 255), ("dynamic", 5, 255), ("ground", 6, 255), ("road", 7, 0), ("sidewalk", 8, 1),
@@ -52,6 +53,7 @@ CITYSCAPES_LABELS = (
     ("caravan", 29, 255), ("trailer", 30, 255), ("train", 31, 16), ("motorcycle", 32, 17), ("bicycle", 33, 18),
     ("license plate", -1, -1),
 )
+# fmt: on
 IMAGE_MEMBER = re.compile(r"leftImg8bit/(train|val)/[^/]+/([^/]+)_leftImg8bit\.png")
 LABEL_MEMBER = re.compile(r"gtFine/(train|val)/[^/]+/([^/]+)_gtFine_labelIds\.png")
 

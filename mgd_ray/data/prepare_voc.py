@@ -59,9 +59,7 @@ class Prepared:
             f"  verified {len(self.verified)} split lists, every entry present: "
             + ", ".join(f"{name} {count:,}" for name, count in self.verified.items())
         )
-        lines.append(
-            f"  manifest: {self.manifest} (" + ", ".join(f"{k} {v:,}" for k, v in self.subsets.items()) + ")"
-        )
+        lines.append(f"  manifest: {self.manifest} (" + ", ".join(f"{k} {v:,}" for k, v in self.subsets.items()) + ")")
         lines.append(f"  in a study: data: {self.data_config}")
         return "\n".join(lines)
 
@@ -96,15 +94,20 @@ def download(url: str, dest: Path, *, timeout: float = 60.0, progress: bool = Tr
         if response.status == 206:
             content_range = response.headers.get("Content-Range", "")
             if _range_start(content_range) != offset:
-                raise DatasetError(f"{url}: asked for bytes {offset}- but got {content_range!r}; delete {part} and run again")
+                raise DatasetError(
+                    f"{url}: asked for bytes {offset}- but got {content_range!r}; delete {part} and run again"
+                )
             total, mode = _range_total(content_range), "ab"
         else:  # the server ignored the Range request: start over
             length = response.headers.get("Content-Length")
             offset, total, mode = 0, int(length) if length else None, "wb"
         try:
-            with open(part, mode) as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar:
+            with (
+                open(part, mode) as out,
+                tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+                ) as bar,
+            ):
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -144,14 +147,22 @@ def extract_tar(archive: Path, into: Path, *, progress: bool = True) -> list[Pat
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with tqdm.wrapattr(
-            open(archive, "rb"), "read", total=archive.stat().st_size, desc=f"extract {archive.name}",
-            disable=not progress,
-        ) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with (
+            tqdm.wrapattr(
+                open(archive, "rb"),
+                "read",
+                total=archive.stat().st_size,
+                desc=f"extract {archive.name}",
+                disable=not progress,
+            ) as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+        ):
             tar.extractall(staging, filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise DatasetError(f"{archive}: cannot extract ({err}); the archive is damaged: delete it and download it again") from err
+        raise DatasetError(
+            f"{archive}: cannot extract ({err}); the archive is damaged: delete it and download it again"
+        ) from err
     created = []
     for entry in sorted(staging.iterdir()):
         target = into / entry.name
@@ -189,7 +200,15 @@ def sbd_class_map(path: Path) -> np.ndarray:
     fix = "the file is damaged: delete the benchmark_RELEASE folder and run again to re-extract benchmark.tgz"
     try:
         segmentation = np.asarray(scipy.io.loadmat(path)["GTcls"][0, 0]["Segmentation"])
-    except (scipy.io.matlab.MatReadError, OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError) as err:
+    except (
+        scipy.io.matlab.MatReadError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        NotImplementedError,
+    ) as err:
         raise DatasetError(f"{path}: cannot read SBD class labels as GTcls.Segmentation ({err!r}); {fix}") from err
     if segmentation.ndim != 2:
         raise DatasetError(f"{path}: GTcls.Segmentation has shape {segmentation.shape}, expected H×W; {fix}")

@@ -106,7 +106,9 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch images of different sizes: pad bottom/right, images with 0, labels with 255."""
     h = max(it["image"].shape[-2] for it in items)
     w = max(it["image"].shape[-1] for it in items)
-    images = torch.stack([F.pad(it["image"], (0, w - it["image"].shape[-1], 0, h - it["image"].shape[-2])) for it in items])
+    images = torch.stack(
+        [F.pad(it["image"], (0, w - it["image"].shape[-1], 0, h - it["image"].shape[-2])) for it in items]
+    )
     labels = torch.stack(
         [
             F.pad(it["label"], (0, w - it["label"].shape[-1], 0, h - it["label"].shape[-2]), value=IGNORE_INDEX)

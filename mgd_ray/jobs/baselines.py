@@ -27,7 +27,9 @@ from mgd_ray.teachers import load_teacher
 LogitDistillation = Callable[[Tensor, Tensor, float], Tensor]
 
 
-def supervised_terms(student: nn.Module, b: Batch, batch_reduction: losses.BatchReduction | None = None) -> dict[str, Tensor]:
+def supervised_terms(
+    student: nn.Module, b: Batch, batch_reduction: losses.BatchReduction | None = None
+) -> dict[str, Tensor]:
     """Sup-only: the supervised CE on the labeled batch."""
     return {"sup": losses.supervised_loss(student(b.x_l).logits, b.y, batch_reduction=batch_reduction)}  # Eq. 1
 
@@ -97,7 +99,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             be.copy_(b)
 
 
-def run_baseline(cfg: BaselineJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None) -> dict[str, float]:
+def run_baseline(
+    cfg: BaselineJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None
+) -> dict[str, float]:
     if cfg.method == "cps":
         pair = TeacherJobConfig(
             data=cfg.data,

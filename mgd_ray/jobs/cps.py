@@ -50,7 +50,11 @@ def rampup(step: int, iterations: int, fraction: float) -> float:
 
 
 def cps_terms(
-    pair: nn.Module, b: Batch, cps_weight: float, ohem: bool = False, batch_reduction: losses.BatchReduction | None = None
+    pair: nn.Module,
+    b: Batch,
+    cps_weight: float,
+    ohem: bool = False,
+    batch_reduction: losses.BatchReduction | None = None,
 ) -> dict[str, Tensor]:
     """Both branches' supervised CE and the weighted CPS term on x_mix, whose pseudo labels each
     branch makes from its own predictions on u0 and u1 mixed by m (as the official code does)."""
@@ -95,5 +99,7 @@ def run_cps_pair(
     return fit(spec, JobContext(data, cfg.data, cfg.optim, cfg.schedule, env, report, checkpoint_root), resume)
 
 
-def run_teacher(cfg: TeacherJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None) -> dict[str, float]:
+def run_teacher(
+    cfg: TeacherJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None
+) -> dict[str, float]:
     return run_cps_pair(cfg, "teacher", report, checkpoint_root, resume)

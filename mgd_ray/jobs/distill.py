@@ -46,21 +46,29 @@ def distill_terms(
     for name in roles.pixel:
         s = signals[name]
         if name in roles.pixel_labeled:  # Eq. 2: L_P on x_l
-            terms[f"pixel_l/{name}"] = losses.pixel_consistency_loss(out_l.logits, s.pl_l, batch_reduction=batch_reduction)
+            terms[f"pixel_l/{name}"] = losses.pixel_consistency_loss(
+                out_l.logits, s.pl_l, batch_reduction=batch_reduction
+            )
         if name in roles.pixel_unlabeled:  # Eq. 2: L_P on x_mix
-            terms[f"pixel_u/{name}"] = losses.pixel_consistency_loss(out_mix.logits, s.pl_mix, batch_reduction=batch_reduction)
+            terms[f"pixel_u/{name}"] = losses.pixel_consistency_loss(
+                out_mix.logits, s.pl_mix, batch_reduction=batch_reduction
+            )
     for name in roles.image:  # Eq. 3-4: λ1·L_I
         terms[f"image/{name}"] = lc.lambda_1 * losses.image_level_loss(
             out_mix.logits, signals[name].logits_mix, lc.image_reduction, batch_reduction=batch_reduction
         )
     for name in roles.region:  # Eq. 5-6: λ2·L_R
-        terms[f"region/{name}"] = lc.lambda_2 * losses.region_level_loss(out_mix.features, signals[name].feats_mix, lc.pool_size)
+        terms[f"region/{name}"] = lc.lambda_2 * losses.region_level_loss(
+            out_mix.features, signals[name].feats_mix, lc.pool_size
+        )
     if not terms:
         raise ValueError("losses: every loss term is switched off; enable at least one")
     return terms
 
 
-def run_distill(cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None) -> dict[str, float]:
+def run_distill(
+    cfg: DistillJobConfig, report: Reporter, checkpoint_root: Path, resume: dict[str, Any] | None = None
+) -> dict[str, float]:
     env = dist_env()
     torch.manual_seed(cfg.schedule.seed)
     data = load_job_data(cfg.data)

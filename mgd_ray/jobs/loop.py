@@ -40,7 +40,9 @@ def make_optimizer(
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power
+    )
     return opt, sched
 
 
@@ -188,7 +190,9 @@ def _restore(
     return int(resume["step"]), list(resume["history"])
 
 
-def _evaluate_all(evaluated: dict[str, nn.Module], ctx: JobContext, metrics: dict[str, float]) -> dict[str, ConfusionMatrix]:
+def _evaluate_all(
+    evaluated: dict[str, nn.Module], ctx: JobContext, metrics: dict[str, float]
+) -> dict[str, ConfusionMatrix]:
     """Evaluate each network on the val split into ``metrics`` (``val/<label>/…``, ``val/…`` unlabelled);
     with several (CPS), ``val/mIoU`` is the best one's."""
     confusion: dict[str, ConfusionMatrix] = {}

@@ -190,9 +190,7 @@ def _imagenet_weights(name: str) -> WeightsEnum:
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
-def build_backbone(
-    name: str, output_stride: int = 16, pretrained: Pretrained = False, stem: str = "plain"
-) -> Backbone:
+def build_backbone(name: str, output_stride: int = 16, pretrained: Pretrained = False, stem: str = "plain") -> Backbone:
     """Build backbone `name` at `output_stride` (8/16/32).
 
     pretrained: False/None random init; True or "imagenet" torchvision's DEFAULT ImageNet weights (downloaded

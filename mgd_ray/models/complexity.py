@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts of backbones and segmenters, to set beside the paper's Table 1.
+"""Parameter and FLOP counts and latency of backbones and segmenters, to set beside the paper's Table 1.
 
 The paper's "FLOPs" are multiply-accumulates of the backbone alone at 512×512 (thop's convention):
 ResNet-101 (deep stem) and WRN (plain stem) at output stride 16, ResNet-18 (deep stem) at 16 and
@@ -14,8 +14,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
+from mgd_ray.config import ModelConfig
 from mgd_ray.models.backbones import BACKBONES, RESNETS
 from mgd_ray.models.deeplab import build_segmenter
 
@@ -59,6 +61,27 @@ def count_flops(module: nn.Module, input_size: tuple[int, int], batch_size: int 
     finally:
         module.train(was_training)
     return counter.get_total_flops()
+
+
+def segmenter_cost(model: ModelConfig, num_classes: int, size: int) -> tuple[float, float]:
+    """(params in M, GFLOPs at size×size) of a whole segmenter, counted on the meta device."""
+    with torch.device("meta"):
+        net = build_segmenter(model, num_classes, pretrained=False)
+    return count_params(net) / 1e6, count_flops(net, (size, size)) / 1e9
+
+
+def latency_ms(model: ModelConfig, num_classes: int, size: int, reps: int = 5) -> float:
+    """Median eager-PyTorch latency (ms) of one size×size image on this process's device.
+
+    Untrained weights: latency does not depend on them. ``torch.utils.benchmark`` handles warm-up
+    and thread settings.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_segmenter(model, num_classes, pretrained=False).eval().to(device)
+    x = torch.zeros(1, 3, size, size, device=device)
+    with torch.inference_mode():
+        net(x)  # warm-up
+        return 1000 * Timer("net(x)", globals={"net": net, "x": x}).timeit(reps).median
 
 
 @dataclass(frozen=True)

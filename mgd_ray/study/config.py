@@ -89,7 +89,9 @@ def _kind(value: Any) -> str:
 FloatParam = Annotated[
     Annotated[FloatRange, Tag("range-spec")] | Annotated[FloatChoices, Tag("choice-list")], Discriminator(_kind)
 ]
-IntParam = Annotated[Annotated[IntRange, Tag("range-spec")] | Annotated[IntChoices, Tag("choice-list")], Discriminator(_kind)]
+IntParam = Annotated[
+    Annotated[IntRange, Tag("range-spec")] | Annotated[IntChoices, Tag("choice-list")], Discriminator(_kind)
+]
 
 
 class SearchSpace(Strict):
@@ -354,7 +356,9 @@ def format_study_errors(err: ValidationError, source: str) -> str:
     """
     lines = [f"{source}: invalid study"]
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if p not in ("range-spec", "choice-list") and not str(p).startswith("function-")]
+        loc = [
+            str(p) for p in e["loc"] if p not in ("range-spec", "choice-list") and not str(p).startswith("function-")
+        ]
         msg = e["msg"].removeprefix("Value error, ")
         for part in msg.split("; "):
             m = _SUBFIELD.match(part)

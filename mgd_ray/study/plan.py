@@ -58,7 +58,9 @@ class Plan:
         if not self.in_trial(teacher):
             return DRIVER_RESOURCES
         resources = self.resources(teacher)
-        return {"cpu": resources.cpus_per_worker} | ({"gpu": resources.gpus_per_worker} if resources.gpus_per_worker else {})
+        return {"cpu": resources.cpus_per_worker} | (
+            {"gpu": resources.gpus_per_worker} if resources.gpus_per_worker else {}
+        )
 
 
 def teacher_key(study: StudyConfig, name: str) -> str:
@@ -73,8 +75,16 @@ def teacher_key(study: StudyConfig, name: str) -> str:
         "crop_size": data.crop_size,
         "scales": list(data.scales),
     }
-    data_id |= {"builtin": data.builtin.model_dump()} if data.dataset == "builtin" else {"root": str(Path(data.root).resolve())}
-    blob = {"data": data_id, "model": spec.model.model_dump(mode="json"), "recipe": spec.effective_recipe.model_dump(mode="json")}
+    data_id |= (
+        {"builtin": data.builtin.model_dump()}
+        if data.dataset == "builtin"
+        else {"root": str(Path(data.root).resolve())}
+    )
+    blob = {
+        "data": data_id,
+        "model": spec.model.model_dump(mode="json"),
+        "recipe": spec.effective_recipe.model_dump(mode="json"),
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -117,7 +127,9 @@ def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> 
     else:
         named = losses.pixel_teachers or dict.fromkeys([*losses.image_teachers, *losses.region_teachers])
         used = list(named) or list(study.teachers)
-    update = {k: params[k] for k in ("lambda_1", "lambda_2", "pool_size", "pixel_labeled", "pixel_unlabeled") if k in params}
+    update = {
+        k: params[k] for k in ("lambda_1", "lambda_2", "pool_size", "pixel_labeled", "pixel_unlabeled") if k in params
+    }
     if params.get("image_level") is False:
         update["image_teachers"] = ()
     if params.get("region_level") is False:
@@ -181,14 +193,24 @@ def trial_job(plan: Plan, config: dict[str, Any], trial_id: str | None = None) -
         name = config["teacher"]
         key = teacher_key(plan.study, name)
         tags = base | {tracking.KIND_TAG: "teacher", tracking.TEACHER_KEY_TAG: key, "mgd_ray.teacher": name}
-        return TrialJob(teacher_job(plan, name), f"{plan.parent_run_id}/teacher/{name}", f"teacher {name}", "teacher", {}, tags, True)
+        return TrialJob(
+            teacher_job(plan, name),
+            f"{plan.parent_run_id}/teacher/{name}",
+            f"teacher {name}",
+            "teacher",
+            {},
+            tags,
+            True,
+        )
     seed = int(config.get("seed", plan.study.seeds[0]))
     if stage == "baselines":
         index = int(config["baseline"])
         baseline = plan.study.baselines[index].name
         cfg = baseline_job(plan, index, seed, plan.root / "baselines" / f"{baseline}-s{seed}")
         tags = base | {tracking.KIND_TAG: "baseline", "mgd_ray.baseline": baseline, "mgd_ray.seed": str(seed)}
-        return TrialJob(cfg, f"{plan.parent_run_id}/baseline/{baseline}/{seed}", f"{baseline} s{seed}", "baseline", {}, tags)
+        return TrialJob(
+            cfg, f"{plan.parent_run_id}/baseline/{baseline}/{seed}", f"{baseline} s{seed}", "baseline", {}, tags
+        )
     if stage == "repeats":
         params = dict(config["params"])
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]

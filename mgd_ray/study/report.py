@@ -1,9 +1,10 @@
 """The end of a study: a report that says honestly where MGD stands, saved to disk and to MLflow.
 
-Everything is read back from MLflow (the source of truth, also after ``--resume``): trials with their
-params, best val mIoU, evaluations run and state; baselines and the best configuration as mean ± std
-over seeds; teachers; params/FLOPs of student and teachers; Optuna's plots and the mIoU–FLOPs
-picture (the paper's Fig. 1) for this study; the best student logged as a served, registered model.
+Everything is read back from MLflow (``results``): trials with their params, best val mIoU,
+evaluations run and state; baselines and the best configuration as mean ± std over seeds;
+teachers; params/FLOPs of student and teachers; Optuna's plots and the mIoU–FLOPs picture (the
+paper's Fig. 1) for this study; the best student logged as a served, registered model. Each
+section is a function that returns its lines.
 """
 
 from __future__ import annotations
@@ -13,84 +14,21 @@ import math
 import shutil
 import statistics
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.tracking import MlflowClient
-from torch.utils.benchmark import Timer
 
 from mgd_ray import tracking
-from mgd_ray.config import ModelConfig
 from mgd_ray.data.datasets import voc_palette
 from mgd_ray.data.stream import JobData, load_job_data
 from mgd_ray.export import export_onnx
 from mgd_ray.final_eval import example_predictions, load_examples, load_model
-from mgd_ray.models.complexity import count_flops, count_params
-from mgd_ray.models.deeplab import build_segmenter
+from mgd_ray.models.complexity import latency_ms, segmenter_cost
 from mgd_ray.plots import overlay_grid, plot_miou_vs_cost
 from mgd_ray.study.plan import Plan
+from mgd_ray.study.results import METRIC, StudyResults, finalize_stopped, study_results
 from mgd_ray.study.search import optuna_study_from
-
-METRIC = "val/mIoU"
-
-
-def _child_runs(plan: Plan) -> list[Any]:
-    client = tracking.client_for(plan.tracking_uri)
-    return client.search_runs(
-        [plan.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=5000
-    )
-
-
-def finalize_stopped(plan: Plan) -> None:
-    """Runs still running or interrupted after every stage succeeded were stopped early by ASHA.
-
-    A run ASHA stopped keeps its real end: the time it was terminated, or, when its process was
-    killed before it could say so, its last evaluation (every metric of an evaluation is logged in
-    one batch with one timestamp); not the time of this report, which would inflate its duration
-    (and every trial-seconds figure read from MLflow).
-    """
-    client = tracking.client_for(plan.tracking_uri)
-    for run in _child_runs(plan):
-        if run.data.tags.get(tracking.STATE_TAG) in ("running", "interrupted"):
-            tracking.set_tags(client, run.info.run_id, {tracking.STATE_TAG: "stopped_early"})
-            if run.info.end_time is None:
-                stamps = [m.timestamp for m in client.get_metric_history(run.info.run_id, METRIC)]
-                client.set_terminated(run.info.run_id, "KILLED", end_time=max(stamps, default=None))
-
-
-def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
-    """One child run as the report sees it: kind, state, params, best val mIoU, evaluations."""
-    history = tracking.metric_history(client, run.info.run_id, METRIC)
-    tags = run.data.tags
-    return {
-        "run_id": run.info.run_id,
-        "name": tags.get("mlflow.runName", run.info.run_id),
-        "kind": tags.get(tracking.KIND_TAG),
-        "state": tags.get(tracking.STATE_TAG),
-        "seed": tags.get("mgd_ray.seed"),
-        "baseline": tags.get("mgd_ray.baseline"),
-        "params": json.loads(tags.get("mgd_ray.params", "{}")),
-        "miou": max((v for _, v in history if not math.isnan(v)), default=None),
-        "evals": len(history),
-        "last_step": history[-1][0] if history else 0,
-        "cache": tags.get("mgd_ray.teacher_cache"),
-    }
-
-
-def collect(plan: Plan) -> list[dict[str, Any]]:
-    client = tracking.client_for(plan.tracking_uri)
-    return [run_row(client, r) for r in _child_runs(plan)]
-
-
-def best_trial_params(plan: Plan) -> dict[str, Any]:
-    """The params of the finished search trial with the best val mIoU (the one the repeats re-run)."""
-    finalize_stopped(plan)
-    trials = [r for r in collect(plan) if r["kind"] == "trial" and r["miou"] is not None and r["state"] == "finished"]
-    if not trials:
-        raise RuntimeError(f"study {plan.study.name}: no search trial finished with a {METRIC}")
-    return max(trials, key=lambda r: r["miou"])["params"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -104,54 +42,6 @@ def fmt_ms(values: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f} (n={len(values)})" if values else "n/a"
 
 
-def complexity(model: ModelConfig, num_classes: int, size: int) -> tuple[float, float]:
-    """(params in M, GFLOPs at size×size) of a whole segmenter, counted on the meta device."""
-    with torch.device("meta"):
-        net = build_segmenter(model, num_classes, pretrained=False)
-    return count_params(net) / 1e6, count_flops(net, (size, size)) / 1e9
-
-
-def latency_ms(model: ModelConfig, num_classes: int, size: int, reps: int = 5) -> float:
-    """Median eager-PyTorch latency (ms) of one size×size image on this process's device.
-
-    Measured where the report is written (the driver), with untrained weights: latency does not
-    depend on them. ``torch.utils.benchmark`` handles warm-up and thread settings.
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = build_segmenter(model, num_classes, pretrained=False).eval().to(device)
-    x = torch.zeros(1, 3, size, size, device=device)
-    with torch.inference_mode():
-        net(x)  # warm-up
-        return 1000 * Timer("net(x)", globals={"net": net, "x": x}).timeit(reps).median
-
-
-@dataclass
-class StudyResults:
-    """What the study's child runs in MLflow say, gathered once for every section."""
-
-    rows: list[dict[str, Any]]  # every child run (``run_row``)
-    trials: list[dict[str, Any]]  # the search trials, best first
-    best: dict[str, Any] | None  # the best finished trial
-    baselines: dict[str, list[float]]  # each baseline's best val mIoU, one per seed
-    mgd: list[float]  # the best trial's best val mIoU, then its repeats' on the other seeds
-
-
-def study_results(plan: Plan) -> StudyResults:
-    rows = collect(plan)
-    trials = sorted((r for r in rows if r["kind"] == "trial"), key=lambda r: -(r["miou"] or -1))
-    finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
-    best = finished[0] if finished else None
-    baselines: dict[str, list[float]] = {}
-    for r in rows:
-        if r["kind"] == "baseline" and r["miou"] is not None:
-            baselines.setdefault(r["baseline"], []).append(r["miou"])
-    mgd: list[float] = []
-    if best is not None:
-        repeats = [r["miou"] for r in rows if r["kind"] == "repeat" and r["params"] == best["params"] and r["miou"] is not None]
-        mgd = [best["miou"], *repeats]
-    return StudyResults(rows, trials, best, baselines, mgd)
-
-
 def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     """Write ``report.md`` (+ plots) under the study's folder and log them to the parent run."""
     study = plan.study
@@ -160,7 +50,7 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     results = study_results(plan)
     data = load_job_data(study.data)
     size = study.data.crop_size
-    student_params, student_gflops = complexity(study.student, data.num_classes, size)
+    student_params, student_gflops = segmenter_cost(study.student, data.num_classes, size)
     lines = _header_section(plan)
     teacher_lines, teachers = _teachers_section(plan, state, data.num_classes)
     lines += teacher_lines
@@ -202,7 +92,12 @@ def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tu
     """The teachers' table, and each teacher as a point of the mIoU–cost figures."""
     client = tracking.client_for(plan.tracking_uri)
     size = plan.study.data.crop_size
-    lines = ["## Teachers", "", "| teacher | backbone | source | val mIoU | params (M) | GFLOPs |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Teachers",
+        "",
+        "| teacher | backbone | source | val mIoU | params (M) | GFLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
     points = []
     for name, spec in plan.study.teachers.items():
         info = state.get("teachers", {}).get(name, {})
@@ -210,7 +105,7 @@ def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tu
         if "run_id" in info:
             history = tracking.metric_history(client, info["run_id"], METRIC)
             miou = max((v for _, v in history), default=None)
-        params_m, gflops = complexity(spec.model, num_classes, size)
+        params_m, gflops = segmenter_cost(spec.model, num_classes, size)
         points.append(
             {
                 "name": f"teacher {name} ({spec.model.backbone})",
@@ -220,15 +115,23 @@ def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tu
                 "latency_ms": latency_ms(spec.model, num_classes, size),
             }
         )
-        lines.append(f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {params_m:.2f} | {gflops:.2f} |")
+        lines.append(
+            f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {params_m:.2f} | {gflops:.2f} |"
+        )
     return lines, points
 
 
-def _student_section(plan: Plan, state: dict[str, Any], results: StudyResults, params_m: float, gflops: float) -> list[str]:
+def _student_section(
+    plan: Plan, state: dict[str, Any], results: StudyResults, params_m: float, gflops: float
+) -> list[str]:
     """The student's size, and what the teacher-signal cache cost and served."""
     study = plan.study
     size = study.data.crop_size
-    lines = ["", f"Student: {study.student.backbone}, {params_m:.2f} M params, {gflops:.2f} GFLOPs at {size}×{size}.", ""]
+    lines = [
+        "",
+        f"Student: {study.student.backbone}, {params_m:.2f} M params, {gflops:.2f} GFLOPs at {size}×{size}.",
+        "",
+    ]
     cache = state.get("teacher_cache") or {}
     if not cache.get("used"):
         return lines
@@ -241,13 +144,22 @@ def _student_section(plan: Plan, state: dict[str, Any], results: StudyResults, p
         )
     else:
         size_text = "reused from an earlier run of this study"
-    live = " (the others ran their teachers live: see their tag `mgd_ray.teacher_cache_reason`)." if hits < len(served) else "."
+    live = (
+        " (the others ran their teachers live: see their tag `mgd_ray.teacher_cache_reason`)."
+        if hits < len(served)
+        else "."
+    )
     return lines + [f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs" + live, ""]
 
 
 def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -> list[str]:
     """MGD's best configuration against each baseline, mean ± std over seeds, and the verdict."""
-    lines = ["## MGD against the baselines (best val mIoU, mean ± std over seeds)", "", "| method | val mIoU (%) |", "|---|---|"]
+    lines = [
+        "## MGD against the baselines (best val mIoU, mean ± std over seeds)",
+        "",
+        "| method | val mIoU (%) |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {fmt_ms(values)} |" for name, values in results.baselines.items()]
     lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} |")
     searched = sum(r["miou"] is not None for r in results.trials)
@@ -264,7 +176,11 @@ def _trials_section(results: StudyResults) -> list[str]:
         lines.append(f"| {r['name']} | {values} | {_pct(r['miou'])} | {r['evals']} | {r['state']} |")
     best = results.best
     if best is not None:
-        lines += ["", f"Best configuration: `{json.dumps(best['params'], sort_keys=True)}` ({_pct(best['miou'])} %).", ""]
+        lines += [
+            "",
+            f"Best configuration: `{json.dumps(best['params'], sort_keys=True)}` ({_pct(best['miou'])} %).",
+            "",
+        ]
     return lines
 
 
@@ -283,7 +199,9 @@ def _best_student_section(
     return lines + [f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`); {onnx}.", ""], page
 
 
-def _verdict(mgd: list[float], baselines: dict[str, list[float]], teachers: list[dict[str, Any]], searched: int = 1) -> str:
+def _verdict(
+    mgd: list[float], baselines: dict[str, list[float]], teachers: list[dict[str, Any]], searched: int = 1
+) -> str:
     """One honest sentence per comparison: the gap and whether it exceeds the seed-to-seed spread.
 
     ``mgd`` is the best searched trial, then its repeats over the other seeds; ``searched``: how
@@ -322,7 +240,9 @@ def _plots(
     """The paper's Fig. 1 for this study (mIoU against GFLOPs and against measured latency), Optuna's plots."""
     pictures = []
     cost = {"gflops": student_cost[0], "latency_ms": student_cost[1]}
-    points = [{"name": r["name"], "kind": "trial", "miou": r["miou"]} | cost for r in results.trials if r["miou"] is not None]
+    points = [
+        {"name": r["name"], "kind": "trial", "miou": r["miou"]} | cost for r in results.trials if r["miou"] is not None
+    ]
     points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0]} | cost for n, v in results.baselines.items()]
     points += [t for t in teachers if t["miou"] is not None]
     if points:
@@ -359,7 +279,9 @@ def _plots(
 
 def _prediction_page(plan: Plan, best: dict[str, Any], rows: list[dict[str, Any]], data: JobData, out: Path) -> Path:
     """image | ground truth | best student | Sup-only | teachers, on the first val images."""
-    models = {"best MGD student": tracking.download_checkpoint(plan.tracking_uri, best["run_id"], out / "_models" / "best")}
+    models = {
+        "best MGD student": tracking.download_checkpoint(plan.tracking_uri, best["run_id"], out / "_models" / "best")
+    }
     sup = [r for r in rows if r["kind"] == "baseline" and r["baseline"] == "supervised" and r["state"] == "finished"]
     if sup:
         models["Sup-only"] = tracking.download_checkpoint(plan.tracking_uri, sup[0]["run_id"], out / "_models" / "sup")
@@ -389,7 +311,9 @@ def _log_best(plan: Plan, best: dict[str, Any], params_m: float, gflops: float, 
         f"params {params_m:.2f} M, {gflops:.2f} GFLOPs at {study.data.crop_size}^2; study {study.name}, "
         f"trial run {best['run_id']}, config {json.dumps(best['params'], sort_keys=True)}"
     )
-    return tracking.log_served_model(plan.tracking_uri, plan.parent_run_id, model, study.data.crop_size, f"{study.name}-student", card)
+    return tracking.log_served_model(
+        plan.tracking_uri, plan.parent_run_id, model, study.data.crop_size, f"{study.name}-student", card
+    )
 
 
 def _pct(v: float | None) -> str:

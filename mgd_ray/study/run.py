@@ -22,7 +22,8 @@ from mgd_ray.config import absolute_paths
 from mgd_ray.data.stream import with_manifest
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
-from mgd_ray.study.report import best_trial_params, write_report
+from mgd_ray.study.report import write_report
+from mgd_ray.study.results import best_trial_params
 from mgd_ray.study.stages import (
     pending_baselines,
     stage_baselines,
@@ -98,7 +99,9 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
             {tracking.STUDY_TAG: study.name, tracking.KIND_TAG: "study"},
         )
         state.values = {"parent_run_id": parent_id, "instance": instance, "stages": {}}
-    plan = Plan(study, storage / study.name / state.values["instance"], uri, experiment_id, state.values["parent_run_id"])
+    plan = Plan(
+        study, storage / study.name / state.values["instance"], uri, experiment_id, state.values["parent_run_id"]
+    )
     plan.root.mkdir(parents=True, exist_ok=True)
     state.save()
     return plan, state

@@ -105,18 +105,28 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
         else:
             run = tracking.find_teacher(client, teacher_key(plan.study, name))
         if run is not None:
-            plan.teachers[name] = tracking.download_checkpoint(plan.tracking_uri, run.info.run_id, plan.root / "teachers" / name)
+            plan.teachers[name] = tracking.download_checkpoint(
+                plan.tracking_uri, run.info.run_id, plan.root / "teachers" / name
+            )
             info[name] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
             continue
         to_train.append(name)
     if to_train:
         jobs: list[dict[str, Any]] = [{"stage": "teachers", "teacher": name} for name in to_train]
-        if plan.trial_resources(teacher=True) == plan.trial_resources() and plan.in_trial(teacher=True) == plan.in_trial():
+        if (
+            plan.trial_resources(teacher=True) == plan.trial_resources()
+            and plan.in_trial(teacher=True) == plan.in_trial()
+        ):
             # Baselines that need no teacher queue behind the teachers, on the slots the faster
             # teacher frees while the slower one finishes (same trial shape, so one Tune stage).
-            jobs += [{"stage": "baselines", "baseline": i, "seed": seed} for i, seed in pending_baselines(plan, teacher_free=True)]
+            jobs += [
+                {"stage": "baselines", "baseline": i, "seed": seed}
+                for i, seed in pending_baselines(plan, teacher_free=True)
+            ]
         tuner = _tuner(
-            plan, "teachers", resume,
+            plan,
+            "teachers",
+            resume,
             param_space={"stage": "teachers", "job": ray.tune.grid_search(jobs)},
             tune_config=_grid_tune_config(plan),
         )
@@ -174,7 +184,8 @@ def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, A
     directory = plan.root / "teacher_cache"
     search = study.search
     roles_varied = any(
-        getattr(search, k) is not None for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level")
+        getattr(search, k) is not None
+        for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level")
     )
     plan.teacher_cache = directory
     job = distill_job(plan, {}, study.seeds[0], plan.root / "teacher_cache_job")
@@ -202,8 +213,16 @@ def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, A
 
     def wait() -> dict[str, Any]:
         summary = ray.get(pending)
-        sizes = {k: summary[k] for k in ("bytes", "bytes_per_epoch", "bytes_per_training_image", "seconds") if k in summary}
-        return {"used": True, "directory": str(directory), "reused": False, "pool_sizes": pool_sizes, "iterations": iterations} | sizes
+        sizes = {
+            k: summary[k] for k in ("bytes", "bytes_per_epoch", "bytes_per_training_image", "seconds") if k in summary
+        }
+        return {
+            "used": True,
+            "directory": str(directory),
+            "reused": False,
+            "pool_sizes": pool_sizes,
+            "iterations": iterations,
+        } | sizes
 
     return wait
 
@@ -228,8 +247,13 @@ def stage_baselines(plan: Plan, resume: bool, jobs: list[tuple[int, int]]) -> No
     if not jobs:
         return
     tuner = _tuner(
-        plan, "baselines", resume,
-        param_space={"stage": "baselines", "job": ray.tune.grid_search([{"baseline": i, "seed": seed} for i, seed in jobs])},
+        plan,
+        "baselines",
+        resume,
+        param_space={
+            "stage": "baselines",
+            "job": ray.tune.grid_search([{"baseline": i, "seed": seed} for i, seed in jobs]),
+        },
         tune_config=_grid_tune_config(plan),
     )
     check_stage(tuner.fit(), "baselines")
@@ -263,7 +287,9 @@ def stage_search(plan: Plan, resume: bool) -> Any:
     elif resume:
         drop_orphan_trial_runs(plan, set())  # the search had not snapshotted yet: it starts afresh
     tuner = _tuner(
-        plan, "search", resume,
+        plan,
+        "search",
+        resume,
         param_space={"stage": "search", "seed": study.seeds[0]},
         tune_config=ray.tune.TuneConfig(
             # A trial that ASHA stops leaves at its next report when the job runs in the trial's
@@ -291,10 +317,10 @@ def stage_repeats(plan: Plan, best_params: dict[str, Any], resume: bool) -> None
     if not extra:
         return
     tuner = _tuner(
-        plan, "repeats", resume,
+        plan,
+        "repeats",
+        resume,
         param_space={"stage": "repeats", "params": best_params, "seed": ray.tune.grid_search(list(extra))},
         tune_config=_grid_tune_config(plan),
     )
     check_stage(tuner.fit(), "repeats")
-
-

@@ -85,7 +85,13 @@ def build_cache(
         raise ValueError(f"build_cache: {data.num_classes} classes do not fit uint8 pseudo labels (255 = ignore)")
     roles = TeacherRoles.every(tuple(cfg.teachers)) if signals == "all" else teacher_roles(cfg)
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"directory": str(out), "files": [], "bytes": 0, "iterations": iterations, "pool_sizes": pools}
+    summary: dict[str, Any] = {
+        "directory": str(out),
+        "files": [],
+        "bytes": 0,
+        "iterations": iterations,
+        "pool_sizes": pools,
+    }
     caller_threads = torch.get_num_threads()
     try:
         if threads is not None:
@@ -123,7 +129,9 @@ def _check_request(pools: list[int], ranks: list[int], world_size: int, signals:
         raise ValueError(f"build_cache: signals must be 'job' or 'all', got {signals!r}")
 
 
-def _sizes(total: int, iterations: int, ranks: int, world_size: int, cfg: DistillJobConfig, data: JobData) -> dict[str, float]:
+def _sizes(
+    total: int, iterations: int, ranks: int, world_size: int, cfg: DistillJobConfig, data: JobData
+) -> dict[str, float]:
     """Bytes per rank's step, and per epoch (one pass over the unlabeled set) and training image."""
     n_unlabeled = max(len(data.unlabeled), 1)
     steps_per_epoch = n_unlabeled / (cfg.schedule.batch_unlabeled * world_size)
@@ -140,7 +148,9 @@ def _encode(t: Tensor, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype, copy=False)).tobytes()
 
 
-def write_steps(path: Path, steps: Iterable[dict[str, Tensor]], rows_per_group: int = ROWS_PER_GROUP) -> dict[str, dict[str, Any]]:
+def write_steps(
+    path: Path, steps: Iterable[dict[str, Tensor]], rows_per_group: int = ROWS_PER_GROUP
+) -> dict[str, dict[str, Any]]:
     """Write one row per step (columns as ``step_columns`` makes them) to a Parquet file.
 
     Pseudo labels as uint8, the rest float32, each a binary cell of raw array bytes; zstd. Returns
@@ -154,7 +164,9 @@ def write_steps(path: Path, steps: Iterable[dict[str, Tensor]], rows_per_group: 
         nonlocal writer
         if not rows.get("step"):
             return
-        table = pa.table({"step": pa.array(rows["step"], pa.int32())} | {c: pa.array(rows[c], pa.binary()) for c in columns})
+        table = pa.table(
+            {"step": pa.array(rows["step"], pa.int32())} | {c: pa.array(rows[c], pa.binary()) for c in columns}
+        )
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema, compression=COMPRESSION, use_dictionary=False)
         writer.write_table(table, row_group_size=rows_per_group)

@@ -90,7 +90,15 @@ def stored_signals(roles: TeacherRoles, names: Iterable[str], pool_sizes: Iterab
     """The signals (column names without the teacher) each teacher contributes in its roles."""
     out: dict[str, list[str]] = {}
     for name in names:
-        signals = [s for s, role in (("pl_l", roles.pixel_labeled), ("pl_mix", roles.pixel_unlabeled), ("logits_mix", roles.image)) if name in role]
+        signals = [
+            s
+            for s, role in (
+                ("pl_l", roles.pixel_labeled),
+                ("pl_mix", roles.pixel_unlabeled),
+                ("logits_mix", roles.image),
+            )
+            if name in role
+        ]
         out[name] = signals + ([f"feats_mix@{p}" for p in pool_sizes] if name in roles.region else [])
     return out
 

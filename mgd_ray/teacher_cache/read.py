@@ -66,7 +66,12 @@ class TeacherCache:
         out = {}
         for name in self.teachers:
             s = TeacherSignals()
-            for col, attr in (("pl_l", "pl_l"), ("pl_mix", "pl_mix"), ("logits_mix", "logits_mix"), (f"feats_mix@{pool_size}", "feats_mix")):
+            for col, attr in (
+                ("pl_l", "pl_l"),
+                ("pl_mix", "pl_mix"),
+                ("logits_mix", "logits_mix"),
+                (f"feats_mix@{pool_size}", "feats_mix"),
+            ):
                 full = f"{name}/{col}"
                 spec = self.meta["columns"].get(full)
                 if spec is None:
@@ -158,7 +163,9 @@ def check_cache(
     return CacheStatus(True, reason, steps, where), meta
 
 
-def open_cache(cfg: DistillJobConfig, data: JobData, env: DistEnv, start_step: int = 0) -> tuple[TeacherCache | None, CacheStatus]:
+def open_cache(
+    cfg: DistillJobConfig, data: JobData, env: DistEnv, start_step: int = 0
+) -> tuple[TeacherCache | None, CacheStatus]:
     """The reader for this rank when the cache can serve the job, else None; and the status."""
     status, meta = check_cache(cfg, data, env.rank, env.world_size, start_step)
     if not status.hit or meta is None:

@@ -90,7 +90,7 @@ def test_class_hue_is_a_strong_but_unreliable_cue():
 
 def test_class_hues_are_distinct():
     hues = [class_hue(c) for c in range(1, 6)]
-    gaps = [min(abs(a - b), 1 - abs(a - b)) for i, a in enumerate(hues) for b in hues[i + 1:]]
+    gaps = [min(abs(a - b), 1 - abs(a - b)) for i, a in enumerate(hues) for b in hues[i + 1 :]]
     assert hues[0] == 0.0 and min(gaps) > 2 * HUE_JITTER
 
 

@@ -42,9 +42,10 @@ def write_zips(root: Path, drop: str | None = None) -> Path:
     """leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip with the members the official ones have."""
     root.mkdir(parents=True, exist_ok=True)
     splits = {"train": TRAIN, "val": VAL, "test": TEST}
-    with zipfile.ZipFile(root / "leftImg8bit_trainvaltest.zip", "w") as images, zipfile.ZipFile(
-        root / "gtFine_trainvaltest.zip", "w"
-    ) as labels:
+    with (
+        zipfile.ZipFile(root / "leftImg8bit_trainvaltest.zip", "w") as images,
+        zipfile.ZipFile(root / "gtFine_trainvaltest.zip", "w") as labels,
+    ):
         images.writestr("README", "Cityscapes")
         images.writestr("license.txt", "see website")
         labels.writestr("README", "Cityscapes")
@@ -112,11 +113,18 @@ def test_prepare_writes_the_cps_layout_with_train_ids(zips):
     assert not (zips / "images/test").exists()
     assert sorted(p.name for p in (zips / "segmentation/train").iterdir()) == sorted(f"{s}_gtFine.png" for s in TRAIN)
 
-    assert result.verified == {"train.txt": 3, "val.txt": 2, "train_aug_labeled_1-16.txt": 1, "train_aug_unlabeled_1-16.txt": 2}
+    assert result.verified == {
+        "train.txt": 3,
+        "val.txt": 2,
+        "train_aug_labeled_1-16.txt": 1,
+        "train_aug_unlabeled_1-16.txt": 2,
+    }
     assert result.subsets == {"labeled": 1, "unlabeled": 2, "val": 2}
     assert result.manifest == zips / "manifest_cityscapes_classic_1-16.parquet"
     rows = {r["id"]: r for r in pq.read_table(result.manifest).to_pylist()}
-    assert rows["aachen_000000_000019"]["label_path"] == str(zips / "segmentation/train/aachen_000000_000019_gtFine.png")
+    assert rows["aachen_000000_000019"]["label_path"] == str(
+        zips / "segmentation/train/aachen_000000_000019_gtFine.png"
+    )
     assert "train.txt 3, val.txt 2" in result.summary()
 
 
@@ -135,7 +143,9 @@ def test_prepare_from_extracted_folders_and_then_without_the_zips(zips):
 
 
 def test_missing_zip_names_the_file_and_where_to_get_it(tmp_path, tiny_lists):
-    with pytest.raises(DatasetError, match=r"leftImg8bit_trainvaltest\.zip: not found.*cityscapes-dataset\.com/downloads"):
+    with pytest.raises(
+        DatasetError, match=r"leftImg8bit_trainvaltest\.zip: not found.*cityscapes-dataset\.com/downloads"
+    ):
         prepare_cityscapes.prepare_cityscapes(tmp_path, expected=EXPECTED, progress=False)
 
 
@@ -147,7 +157,9 @@ def test_a_damaged_zip(tmp_path, tiny_lists):
 
 def test_an_image_missing_from_the_zip_is_reported_by_id(tmp_path, tiny_lists):
     root = write_zips(tmp_path / "city", drop="lindau_000000_000019")
-    with pytest.raises(DatasetError, match=r"val\.txt: 1 of the expected 2 samples present.*first missing: lindau_000000_000019"):
+    with pytest.raises(
+        DatasetError, match=r"val\.txt: 1 of the expected 2 samples present.*first missing: lindau_000000_000019"
+    ):
         prepare_cityscapes.prepare_cityscapes(root, expected=EXPECTED, progress=False)
 
 
@@ -158,7 +170,9 @@ def test_the_real_counts_are_the_default(zips):
 
 def test_cli_prepare_cityscapes(zips, monkeypatch, capsys):
     monkeypatch.setattr(
-        prepare_cityscapes, "prepare_cityscapes", functools.partial(prepare_cityscapes.prepare_cityscapes, expected=EXPECTED)
+        prepare_cityscapes,
+        "prepare_cityscapes",
+        functools.partial(prepare_cityscapes.prepare_cityscapes, expected=EXPECTED),
     )
     assert main(["data", "prepare", "cityscapes", "--root", str(zips), "--fraction", "1/16"]) == 0
     out = capsys.readouterr().out

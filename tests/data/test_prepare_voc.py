@@ -177,7 +177,9 @@ def test_mat_without_gtcls_segmentation(tmp_path):
 
 def test_missing_image_reports_count_and_first_missing_ids(tree):
     (tree / "VOCdevkit/VOC2012/JPEGImages/2008_000003.jpg").unlink()
-    with pytest.raises(DatasetError, match=r"train_aug\.txt: 4 of the expected 5 samples present.*first missing: 2008_000003"):
+    with pytest.raises(
+        DatasetError, match=r"train_aug\.txt: 4 of the expected 5 samples present.*first missing: 2008_000003"
+    ):
         prepare_voc.prepare_voc(tree, expected=EXPECTED, progress=False)
 
 
@@ -217,7 +219,9 @@ def test_prepare_from_the_archives(tree, tmp_path):
 
 def test_damaged_archive(tmp_path, tiny_lists):
     (tmp_path / "VOCtrainval_11-May-2012.tar").write_bytes(b"\0garbage" * 200)
-    with pytest.raises(DatasetError, match=r"VOCtrainval_11-May-2012\.tar: (cannot extract|extracted, but it holds no)"):
+    with pytest.raises(
+        DatasetError, match=r"VOCtrainval_11-May-2012\.tar: (cannot extract|extracted, but it holds no)"
+    ):
         prepare_voc.prepare_voc(tmp_path, expected=EXPECTED, progress=False)
 
 

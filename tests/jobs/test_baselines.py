@@ -29,14 +29,19 @@ def test_ema_update_by_hand():
     assert ema.running_mean.tolist() == [0.5, -0.5]  # buffers are copied, not averaged
 
 
-@pytest.mark.parametrize("method,terms", [
-    ("supervised", {"sup"}),
-    ("mean_teacher", {"sup", "mean_teacher"}),
-    ("cps", {"sup/branch1", "sup/branch2", "cps"}),
-    ("kd", {"sup", "kd"}),
-    ("cwd", {"sup", "cwd"}),
-])
-def test_every_baseline_trains_reports_its_terms_and_exports(tiny_data_cfg, tiny_schedule, teacher_ckpt, tmp_path, method, terms):
+@pytest.mark.parametrize(
+    "method,terms",
+    [
+        ("supervised", {"sup"}),
+        ("mean_teacher", {"sup", "mean_teacher"}),
+        ("cps", {"sup/branch1", "sup/branch2", "cps"}),
+        ("kd", {"sup", "kd"}),
+        ("cwd", {"sup", "cwd"}),
+    ],
+)
+def test_every_baseline_trains_reports_its_terms_and_exports(
+    tiny_data_cfg, tiny_schedule, teacher_ckpt, tmp_path, method, terms
+):
     raw = {"method": method, "data": tiny_data_cfg, "schedule": tiny_schedule, "output": str(tmp_path / "out")}
     if method in ("kd", "cwd"):
         raw["teacher"] = {"model": {"backbone": "resnet18"}, "checkpoint": str(teacher_ckpt)}

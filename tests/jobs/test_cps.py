@@ -28,10 +28,16 @@ def test_teacher_job_passes_the_ramped_weight_to_every_step(tiny_data_cfg, tiny_
         return real(pair, b, cps_weight, ohem, batch_reduction)
 
     monkeypatch.setattr(cps, "cps_terms", spy)
-    cfg = parse_job_config("teacher", {
-        "data": tiny_data_cfg, "model": {"backbone": "mobilenet_v2"}, "cps_weight": 2.0, "cps_rampup": 0.5,
-        "schedule": {**tiny_schedule, "iterations": 4},
-    })
+    cfg = parse_job_config(
+        "teacher",
+        {
+            "data": tiny_data_cfg,
+            "model": {"backbone": "mobilenet_v2"},
+            "cps_weight": 2.0,
+            "cps_rampup": 0.5,
+            "schedule": {**tiny_schedule, "iterations": 4},
+        },
+    )
     cps.run_teacher(cfg, lambda m, c: None, tmp_path)
     assert seen == pytest.approx([2.0 * math.exp(-5 * 0.5**2), 2.0, 2.0, 2.0])  # t = 1/2, then capped at 1
     assert torch.isfinite(torch.tensor(seen)).all()

@@ -28,8 +28,12 @@ def test_copy_teachers_give_zero_image_and_region_losses(make_batch, student_cfg
         s_l = student(b.x_l).logits
         s_mix = student(b.x_mix).logits
         mixed = student(b.u0).logits * (1 - b.m) + student(b.u1).logits * b.m
-    assert terms["pixel_l/T_D"].item() == pytest.approx(torch.nn.functional.cross_entropy(s_l, s_l.argmax(1)).item(), rel=1e-5)
-    assert terms["pixel_u/T_W"].item() == pytest.approx(torch.nn.functional.cross_entropy(s_mix, mixed.argmax(1)).item(), rel=1e-5)
+    assert terms["pixel_l/T_D"].item() == pytest.approx(
+        torch.nn.functional.cross_entropy(s_l, s_l.argmax(1)).item(), rel=1e-5
+    )
+    assert terms["pixel_u/T_W"].item() == pytest.approx(
+        torch.nn.functional.cross_entropy(s_mix, mixed.argmax(1)).item(), rel=1e-5
+    )
     assert terms["sup"].item() == pytest.approx(losses.supervised_loss(s_l, b.y).item(), rel=1e-5)
 
 
@@ -45,7 +49,10 @@ def test_weights_and_switches(make_batch, student_cfg):
     assert scaled["image/T_D"].item() == pytest.approx(2 * base["image/T_D"].item(), rel=1e-5)
     assert scaled["region/T_W"].item() == pytest.approx(0.5 * base["region/T_W"].item(), rel=1e-5)
     swapped = distill_terms(
-        student, sig, b, student_cfg(image_teachers=["T_W", "T_D"], region_teachers=[], supervised=False, pixel_labeled=False)
+        student,
+        sig,
+        b,
+        student_cfg(image_teachers=["T_W", "T_D"], region_teachers=[], supervised=False, pixel_labeled=False),
     )
     assert set(swapped) == {"pixel_u/T_D", "pixel_u/T_W", "image/T_W", "image/T_D"}
 

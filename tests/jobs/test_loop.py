@@ -29,17 +29,22 @@ def test_optimizer_lr_scaled_with_world_size_and_poly_decay(name, cls):
 
 def test_adamw_steps_against_the_gradient_by_about_lr():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt, _ = make_optimizer([p], OptimConfig(optimizer="adamw", lr=0.1, weight_decay=0.0), 5, DistEnv(0, 1, torch.device("cpu")))
+    opt, _ = make_optimizer(
+        [p], OptimConfig(optimizer="adamw", lr=0.1, weight_decay=0.0), 5, DistEnv(0, 1, torch.device("cpu"))
+    )
     p.grad = torch.tensor([0.5, -3.0])
     opt.step()
     # Adam's first step is lr·sign(g) (m̂/√v̂ = g/|g|), whatever the gradient's size.
     torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9]))
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
-    ("adamw", {"lr": 0.01, "weight_decay": 1e-2}),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+        ("adamw", {"lr": 0.01, "weight_decay": 1e-2}),
+    ],
+)
 def test_fused_optimizer_follows_the_per_tensor_update(name, kwargs):
     """make_optimizer's fused kernel against torch's reference loop (foreach=False), over 20 steps."""
     cfg = OptimConfig(optimizer=name, **kwargs)
@@ -64,7 +69,9 @@ def test_fused_optimizer_follows_the_per_tensor_update(name, kwargs):
         assert (a.detach() - s).abs().max() > 0.05  # the parameters really moved
 
 
-def test_last_checkpoint_keeps_model_and_history_only_and_resumes_with_nothing_to_train(tiny_data_cfg, tiny_schedule, tmp_path):
+def test_last_checkpoint_keeps_model_and_history_only_and_resumes_with_nothing_to_train(
+    tiny_data_cfg, tiny_schedule, tmp_path
+):
     from mgd_ray.checkpoint import MODEL_FILE, STATE_FILE, load_state
     from mgd_ray.jobs.baselines import run_baseline
 

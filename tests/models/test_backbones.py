@@ -38,8 +38,12 @@ def test_plain_params_equal_torchvision_without_classifier(name, output_stride):
 
 def test_torchvision_param_counts_reference():
     # Guard the independent reference itself with torchvision's published totals.
-    for name, weights in [("resnet18", "ResNet18_Weights"), ("resnet101", "ResNet101_Weights"),
-                          ("wide_resnet50_2", "Wide_ResNet50_2_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights")]:
+    for name, weights in [
+        ("resnet18", "ResNet18_Weights"),
+        ("resnet101", "ResNet101_Weights"),
+        ("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
+        ("mobilenet_v2", "MobileNet_V2_Weights"),
+    ]:
         with torch.device("meta"):
             tv = getattr(torchvision.models, name)()
         assert n_params(tv) == getattr(torchvision.models, weights).DEFAULT.meta["num_params"]
@@ -64,22 +68,33 @@ def test_deep_stem_param_counts():
     assert n_params(r18) == 11_195_744
     convs = [m for m in r18.conv1 if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
-        (3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))
+        (3, 32, (3, 3), (2, 2)),
+        (32, 32, (3, 3), (1, 1)),
+        (32, 64, (3, 3), (1, 1)),
     ]
 
 
 @pytest.mark.parametrize(
     ("name", "stem", "paper_m"),
-    [("resnet101", "deep", 42.63), ("wide_resnet50_2", "plain", 66.83), ("resnet18", "deep", 11.19),
-     ("resnet18", "plain", 11.19), ("mobilenet_v2", "plain", 1.81)],
+    [
+        ("resnet101", "deep", 42.63),
+        ("wide_resnet50_2", "plain", 66.83),
+        ("resnet18", "deep", 11.19),
+        ("resnet18", "plain", 11.19),
+        ("mobilenet_v2", "plain", 1.81),
+    ],
 )
 def test_params_match_paper_table1(name, stem, paper_m):
     assert n_params(meta_backbone(name, stem=stem)) / 1e6 == pytest.approx(paper_m, rel=0.01)
 
 
 CHANNELS = {
-    "resnet18": (64, 512), "resnet34": (64, 512), "resnet50": (256, 2048), "resnet101": (256, 2048),
-    "wide_resnet50_2": (256, 2048), "mobilenet_v2": (24, 320),
+    "resnet18": (64, 512),
+    "resnet34": (64, 512),
+    "resnet50": (256, 2048),
+    "resnet101": (256, 2048),
+    "wide_resnet50_2": (256, 2048),
+    "mobilenet_v2": (24, 320),
 }
 
 
@@ -116,19 +131,19 @@ def test_resnet_multigrid_dilation(name, output_stride, layer3, layer4):
         for block, rate in zip(layer, rates, strict=True):
             # every 3×3 conv of a block (1 in a bottleneck, 2 in a basic block) has the block's rate
             assert set(conv3x3_dilations(block)) == {rate}
-            assert all(m.padding == m.dilation for m in block.modules() if isinstance(m, nn.Conv2d)
-                       and m.kernel_size == (3, 3))
-    strided = {m.stride for layer in (backbone.layer3, backbone.layer4) for m in layer.modules()
-               if isinstance(m, nn.Conv2d)}
+            assert all(
+                m.padding == m.dilation for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+            )
+    strided = {
+        m.stride for layer in (backbone.layer3, backbone.layer4) for m in layer.modules() if isinstance(m, nn.Conv2d)
+    }
     expected = {(1, 1)} if output_stride == 8 else {(1, 1), (2, 2)}
     assert strided == expected
     # layer1/layer2 are never touched
     assert set(conv3x3_dilations(backbone.layer2)) == {1}
 
 
-@pytest.mark.parametrize(
-    ("output_stride", "rate_7_13", "rate_14_17"), [(32, 1, 1), (16, 1, 2), (8, 2, 4)]
-)
+@pytest.mark.parametrize(("output_stride", "rate_7_13", "rate_14_17"), [(32, 1, 1), (16, 1, 2), (8, 2, 4)])
 def test_mobilenet_dilation(output_stride, rate_7_13, rate_14_17):
     features = meta_backbone("mobilenet_v2", output_stride).features
     assert len(features) == 18  # the 1×1 conv to 1280 channels is dropped

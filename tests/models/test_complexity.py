@@ -55,8 +55,12 @@ def test_count_flops_restores_training_mode():
 
 @pytest.mark.parametrize(
     ("name", "weights"),
-    [("resnet18", "ResNet18_Weights"), ("resnet101", "ResNet101_Weights"),
-     ("wide_resnet50_2", "Wide_ResNet50_2_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights")],
+    [
+        ("resnet18", "ResNet18_Weights"),
+        ("resnet101", "ResNet101_Weights"),
+        ("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
+        ("mobilenet_v2", "MobileNet_V2_Weights"),
+    ],
 )
 def test_flops_over_two_match_torchvision_published_gmacs(name, weights):
     # torchvision publishes each classifier's multiply-accumulates at 224×224 ("_ops", in billions).

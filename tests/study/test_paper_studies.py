@@ -118,7 +118,9 @@ def runner(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # The resume state (model + optimiser) is not under test here and is the largest file a job
         # writes; the exported model.pt, which students load their teachers from, is still written.
-        mp.setattr("mgd_ray.jobs.loop.save_state", lambda directory, state: directory.mkdir(parents=True, exist_ok=True))
+        mp.setattr(
+            "mgd_ray.jobs.loop.save_state", lambda directory, state: directory.mkdir(parents=True, exist_ok=True)
+        )
         yield JobRunner(tmp_path_factory.mktemp("jobs"))
     torch.set_num_threads(threads)
 

@@ -12,11 +12,14 @@ from mgd_ray.train import scaling_config
 QUICKSTART = Path(__file__).parents[2] / "studies" / "quickstart.yaml"
 
 
-@pytest.mark.parametrize("teacher_resources,teacher_in_trial,teacher_reserves,teacher_workers", [
-    (None, True, {"cpu": 1.0}, 1),  # the students' one worker: in the trial's process, which reserves it
-    ({"workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 0.5}, True, {"cpu": 2.0, "gpu": 0.5}, 1),
-    ({"workers": 2, "cpus_per_worker": 2}, False, {"cpu": 0, "memory": 2**20}, 2),  # DDP: a Train worker group
-])
+@pytest.mark.parametrize(
+    "teacher_resources,teacher_in_trial,teacher_reserves,teacher_workers",
+    [
+        (None, True, {"cpu": 1.0}, 1),  # the students' one worker: in the trial's process, which reserves it
+        ({"workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 0.5}, True, {"cpu": 2.0, "gpu": 0.5}, 1),
+        ({"workers": 2, "cpus_per_worker": 2}, False, {"cpu": 0, "memory": 2**20}, 2),  # DDP: a Train worker group
+    ],
+)
 def test_one_worker_teachers_run_in_their_trials_process_and_reserve_their_own_resources(
     tmp_path, teacher_resources, teacher_in_trial, teacher_reserves, teacher_workers
 ):
@@ -28,7 +31,10 @@ def test_one_worker_teachers_run_in_their_trials_process_and_reserve_their_own_r
     assert plan.in_trial(teacher=True) is teacher_in_trial
     assert plan.trial_resources(teacher=True) == teacher_reserves
     resources = plan.resources(teacher=True)
-    assert scaling_config(resources.workers, resources.cpus_per_worker, resources.gpus_per_worker).num_workers == teacher_workers
+    assert (
+        scaling_config(resources.workers, resources.cpus_per_worker, resources.gpus_per_worker).num_workers
+        == teacher_workers
+    )
     assert plan.in_trial() and plan.trial_resources() == {"cpu": 1.0}  # the students are unaffected
 
 
@@ -43,8 +49,16 @@ def test_trial_job_names_each_stages_job_and_its_mlflow_run(tmp_path):
     study = load_study(QUICKSTART).model_copy(update={"seeds": (0, 3)})
     plan = Plan(study, tmp_path, "sqlite://", "1", "parent", {"T_D": tmp_path / "td.pt", "T_W": tmp_path / "tw.pt"})
     teacher = trial_job(plan, {"stage": "teachers", "job": {"teacher": "T_W"}})
-    assert (teacher.key, teacher.name, teacher.kind, teacher.teacher) == ("parent/teacher/T_W", "teacher T_W", "teacher", True)
-    assert teacher.tags[tracking.TEACHER_KEY_TAG] == teacher_key(study, "T_W") and teacher.cfg.output == tmp_path / "teachers" / "T_W"
+    assert (teacher.key, teacher.name, teacher.kind, teacher.teacher) == (
+        "parent/teacher/T_W",
+        "teacher T_W",
+        "teacher",
+        True,
+    )
+    assert (
+        teacher.tags[tracking.TEACHER_KEY_TAG] == teacher_key(study, "T_W")
+        and teacher.cfg.output == tmp_path / "teachers" / "T_W"
+    )
     # A teacher-free baseline queued in the teachers' grid is a baseline job.
     kd = trial_job(plan, {"stage": "teachers", "job": {"stage": "baselines", "baseline": 1, "seed": 3}})
     assert (kd.key, kd.kind, kd.cfg.method, kd.cfg.schedule.seed) == ("parent/baseline/kd[T_D]/3", "baseline", "kd", 3)

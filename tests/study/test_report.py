@@ -5,7 +5,8 @@ from types import SimpleNamespace
 from mlflow.entities import Metric
 
 from mgd_ray import tracking
-from mgd_ray.study.report import _verdict, finalize_stopped
+from mgd_ray.study.report import _verdict
+from mgd_ray.study.results import finalize_stopped
 
 
 def test_stopped_runs_keep_their_real_end_time(tmp_path):
@@ -21,7 +22,14 @@ def test_stopped_runs_keep_their_real_end_time(tmp_path):
 
     # Killed mid-trial before it could close its run: its last metric is at t = 7000 ms.
     killed = child("killed", "running")
-    client.log_batch(killed, metrics=[Metric("val/mIoU", 0.2, 5000, 1), Metric("val/mIoU", 0.3, 7000, 2), Metric("loss/total", 1.0, 6500, 2)])
+    client.log_batch(
+        killed,
+        metrics=[
+            Metric("val/mIoU", 0.2, 5000, 1),
+            Metric("val/mIoU", 0.3, 7000, 2),
+            Metric("loss/total", 1.0, 6500, 2),
+        ],
+    )
     # Interrupted: it terminated itself at t = 9000 ms.
     stopped = child("stopped", "interrupted")
     client.set_terminated(stopped, "KILLED", end_time=9000)

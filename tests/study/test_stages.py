@@ -55,7 +55,9 @@ def test_baseline_jobs_are_those_without_a_finished_run(tmp_path):
     plan = Plan(study, tmp_path, uri, exp, parent)
 
     def run(key: str, status: str, state: str) -> None:
-        run_id = client.create_run(exp, tags={tracking.KEY_TAG: f"{parent}/baseline/{key}", tracking.STATE_TAG: state}).info.run_id
+        run_id = client.create_run(
+            exp, tags={tracking.KEY_TAG: f"{parent}/baseline/{key}", tracking.STATE_TAG: state}
+        ).info.run_id
         client.set_terminated(run_id, status)
 
     run("supervised/0", "FINISHED", "finished")  # done: not run again
@@ -65,24 +67,27 @@ def test_baseline_jobs_are_those_without_a_finished_run(tmp_path):
     assert pending_baselines(plan, teacher_free=True) == [(0, 1)]  # kd needs T_D: not beside the teachers
 
 
-@pytest.mark.parametrize("leave,gpus,expected", [
-    (0.0, 0.0, 2.0),  # alone: both trial slots' CPUs of the 2-CPU node
-    (1.0, 0.0, 1.0),  # one baseline beside it: the other CPU
-    (2.0, 0.0, 1.0),  # baselines wanting every CPU: still one worker's (a baseline waits)
-    (1.0, 0.5, 1.0),  # on GPU: one worker's CPUs
-])
+@pytest.mark.parametrize(
+    "leave,gpus,expected",
+    [
+        (0.0, 0.0, 2.0),  # alone: both trial slots' CPUs of the 2-CPU node
+        (1.0, 0.0, 1.0),  # one baseline beside it: the other CPU
+        (2.0, 0.0, 1.0),  # baselines wanting every CPU: still one worker's (a baseline waits)
+        (1.0, 0.5, 1.0),  # on GPU: one worker's CPUs
+    ],
+)
 def test_cache_build_leaves_the_cpus_of_the_baselines_beside_it(tmp_path, monkeypatch, leave, gpus, expected):
-
 
     study = load_study(QUICKSTART)  # max_concurrent 2, 1 CPU per trial
     study = study.model_copy(update={"resources": study.resources.model_copy(update={"gpus_per_worker": gpus})})
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}])
+    monkeypatch.setattr(
+        ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+    )
     assert _cache_cpus(Plan(study, tmp_path, "sqlite://", "0", "p"), leave) == expected
 
 
 def test_ended_trials_tune_checkpoints_are_dropped_and_failed_ones_kept(tmp_path):
     from types import SimpleNamespace
-
 
     def trial(name: str, sizes: list[int]) -> Path:
         d = tmp_path / name
@@ -93,8 +98,12 @@ def test_ended_trials_tune_checkpoints_are_dropped_and_failed_ones_kept(tmp_path
         return d
 
     done, stopped, failed = trial("done", [100, 20]), trial("stopped", [7]), trial("failed", [50])
-    results = [SimpleNamespace(path=str(done), error=None), SimpleNamespace(path=str(stopped), error=None),
-               SimpleNamespace(path=str(failed), error=RuntimeError("x")), SimpleNamespace(path=None, error=None)]
+    results = [
+        SimpleNamespace(path=str(done), error=None),
+        SimpleNamespace(path=str(stopped), error=None),
+        SimpleNamespace(path=str(failed), error=RuntimeError("x")),
+        SimpleNamespace(path=None, error=None),
+    ]
     assert drop_checkpoints(results, "search") == 127
     assert not list(done.glob("checkpoint_*")) and not list(stopped.glob("checkpoint_*"))
     assert (done / "result.json").is_file()  # the trial's results stay

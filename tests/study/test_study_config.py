@@ -12,7 +12,10 @@ from mgd_ray.study.plan import smoke
 from mgd_ray.study.search import make_scheduler, optuna_distributions
 
 STUDIES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
-MINIMAL = {"name": "s", "teachers": {"T_D": {"model": {"backbone": "resnet50"}}, "T_W": {"model": {"backbone": "wide_resnet50_2"}}}}
+MINIMAL = {
+    "name": "s",
+    "teachers": {"T_D": {"model": {"backbone": "resnet50"}}, "T_W": {"model": {"backbone": "wide_resnet50_2"}}},
+}
 
 
 def errors_of(raw: dict) -> list[str]:
@@ -38,18 +41,27 @@ def test_minimal_study_defaults():
 @pytest.mark.parametrize(
     "patch, expected",
     [
-        ({"search": {"lambda_1": {"low": 0, "high": 1, "log": True}}}, "search.lambda_1.low: must be > 0 for a log range"),
+        (
+            {"search": {"lambda_1": {"low": 0, "high": 1, "log": True}}},
+            "search.lambda_1.low: must be > 0 for a log range",
+        ),
         ({"search": {"lambda_1": {"low": 2, "high": 1}}}, "search.lambda_1.high: must be >= low (2.0), got 1.0"),
         ({"search": {"lambda_2": {"low": -1, "high": 1}}}, "search.lambda_2.low: must be >= 0 (a loss weight)"),
         ({"search": {"lr": {"low": 0, "high": 1}}}, "search.lr.low: must be > 0"),
         ({"search": {"pool_size": {"choices": [0, 4]}}}, "search.pool_size.choices: must all be >= 1"),
         ({"search": {"pool_size": {"choices": []}}}, "search.pool_size.choices: List should have at least 1 item"),
-        ({"search": {"teachers": {"choices": ["T_D+T_X"]}}}, "search.teachers: 'T_D+T_X' names teacher 'T_X', not defined under teachers"),
+        (
+            {"search": {"teachers": {"choices": ["T_D+T_X"]}}},
+            "search.teachers: 'T_D+T_X' names teacher 'T_X', not defined under teachers",
+        ),
         ({"baselines": [{"method": "kd"}]}, "baselines.0.teacher: kd needs a teacher (one of T_D, T_W)"),
         ({"searcher": {"num_samples": 0}}, "searcher.num_samples: Input should be greater than 0"),
         ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
         ({"name": "a b"}, "name: String should match pattern"),
-        ({"schedule": {"iterations": 10, "eval_every": 10}}, "scheduler.type: ASHA needs at least two evaluations per trial"),
+        (
+            {"schedule": {"iterations": 10, "eval_every": 10}},
+            "scheduler.type: ASHA needs at least two evaluations per trial",
+        ),
         (
             {"ray_train": {"in_trial": True}, "resources": {"workers": 2}},
             "ray_train.in_trial: runs a job in the trial's own process, which needs resources.workers: 1 (it is 2)",
@@ -114,4 +126,7 @@ def test_ray_train_options_reach_ray_under_the_names_it_reads():
     assert env == {HEALTH_CHECK_INTERVAL_S_ENV_VAR: "0.25", ENABLE_PREEMPTION_WATCHER_ENV_VAR: "0"}
     assert set(env) <= ENV_VARS_TO_PROPAGATE
     assert parse_study(MINIMAL).ray_train.env_vars()[HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "2.0"  # Ray's own default
-    assert any(e.startswith("ray_train.health_check_interval_s: Input should be greater than 0") for e in errors_of({**MINIMAL, "ray_train": {"health_check_interval_s": 0}}))
+    assert any(
+        e.startswith("ray_train.health_check_interval_s: Input should be greater than 0")
+        for e in errors_of({**MINIMAL, "ray_train": {"health_check_interval_s": 0}})
+    )

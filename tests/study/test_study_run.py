@@ -62,27 +62,52 @@ def env(tmp_path_factory):
     mlflow_port, gcs_port, dash_port = free_port(), free_port(), free_port()
     server = subprocess.Popen(
         [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-            "--workers", "1",
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
         ],
-        env=env, stdout=(root / "mlflow.log").open("w"), stderr=subprocess.STDOUT,
+        env=env,
+        stdout=(root / "mlflow.log").open("w"),
+        stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{mlflow_port}"
     ray_cmd = [str(BIN / "ray")]
     subprocess.run(
         [
-            *ray_cmd, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
+            *ray_cmd,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            "--disable-usage-stats",
         ],
-        env=env, check=True, capture_output=True, timeout=180,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
     )
     try:
         client = MlflowClient(uri)
         wait_for(lambda: _alive(client), 120, "the MLflow server")
         yield {
-            "env": env, "uri": uri, "root": root, "client": client,
-            "dashboard": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}",
+            "env": env,
+            "uri": uri,
+            "root": root,
+            "client": client,
+            "dashboard": f"http://127.0.0.1:{dash_port}",
+            "gcs": f"127.0.0.1:{gcs_port}",
         }
     finally:
         subprocess.run([*ray_cmd, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
@@ -106,7 +131,10 @@ def study_file(root: Path, name: str, uri: str, folder: str = ".", **extra) -> P
         "student": {"backbone": "mobilenet_v2"},
         "schedule": TINY_SCHEDULE,
         "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
-        "search": {"lambda_1": {"low": 1e-4, "high": 1e-2, "log": True}, "lambda_2": {"low": 1, "high": 100, "log": True}},
+        "search": {
+            "lambda_1": {"low": 1e-4, "high": 1e-2, "log": True},
+            "lambda_2": {"low": 1, "high": 100, "log": True},
+        },
         "searcher": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
         "scheduler": {"type": "none"},
         "mlflow": {"tracking_uri": uri},
@@ -122,7 +150,11 @@ def child_runs(client: MlflowClient, study: str) -> list:
     exp = client.get_experiment_by_name(study)
     if exp is None:
         return []
-    return [r for r in client.search_runs([exp.experiment_id], max_results=1000) if r.data.tags.get(tracking.KIND_TAG) != "study"]
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=1000)
+        if r.data.tags.get(tracking.KIND_TAG) != "study"
+    ]
 
 
 def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> subprocess.CompletedProcess:
@@ -137,7 +169,9 @@ def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> su
     cmd += [] if wait else ["--no-wait"]
     deadline = time.time() + 120
     while True:
-        proc = subprocess.run([*cmd, "--", *args], check=False, env=env["env"], capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [*cmd, "--", *args], check=False, env=env["env"], capture_output=True, text=True, timeout=900
+        )
         if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr or time.time() > deadline:
             return proc
         time.sleep(5)
@@ -149,7 +183,11 @@ def study_a(env):
     path = study_file(env["root"], "study-a", env["uri"], baselines=[{"method": "supervised"}])
     proc = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
         [str(BIN / "mgd-ray"), "run", str(path), "--address", env["gcs"]],
-        env=env["env"], cwd=env["root"], capture_output=True, text=True, timeout=900,
+        env=env["env"],
+        cwd=env["root"],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -185,13 +223,22 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     assert all(float(r.data.params["losses.lambda_1"]) > 0 for r in trials)
     assert {r.data.tags["mgd_ray.ray_train"] for r in runs if r is not parent} == {"worker group"}
     # The teachers ran once for the whole search: every trial read their signals from the cache.
-    assert [r.data.tags["mgd_ray.teacher_cache"] for r in trials] == ["hit", "hit"], [r.data.tags.get("mgd_ray.teacher_cache_reason") for r in trials]
+    assert [r.data.tags["mgd_ray.teacher_cache"] for r in trials] == ["hit", "hit"], [
+        r.data.tags.get("mgd_ray.teacher_cache_reason") for r in trials
+    ]
     assert all(r.data.metrics["cache/hit_rate"] == 1.0 for r in trials)
     assert float(parent.data.tags["teacher_cache.bytes_per_epoch"]) > 0
     assert len({r.data.params["losses.lambda_1"] for r in trials}) == 2  # Optuna proposed two configurations
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/report.md", "report/miou_vs_gflops.png", "report/miou_vs_latency.png", "report/predictions.png"} <= report
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "best_student_onnx")] == ["best_student_onnx/best_student.onnx"]
+    assert {
+        "report/report.md",
+        "report/miou_vs_gflops.png",
+        "report/miou_vs_latency.png",
+        "report/predictions.png",
+    } <= report
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "best_student_onnx")] == [
+        "best_student_onnx/best_student.onnx"
+    ]
     text = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(env["root"]))).read_text()
     assert "| supervised |" in text and "MGD (best searched configuration)" in text
     assert "Teacher-signal cache:" in text and "it served 2 of 2 MGD runs" in text
@@ -204,7 +251,9 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     for r in trials:
         dest = env["root"] / "trial_ckpt" / r.info.run_id
         dest.mkdir(parents=True)
-        trial_ckpts.append(Path(client.download_artifacts(r.info.run_id, "checkpoint/model.pt", str(dest))).read_bytes())
+        trial_ckpts.append(
+            Path(client.download_artifacts(r.info.run_id, "checkpoint/model.pt", str(dest))).read_bytes()
+        )
     assert ckpt.read_bytes() in trial_ckpts
 
 
@@ -212,7 +261,10 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     client: MlflowClient = env["client"]
     # The job's working directory holds only the study file (Ray uploads it); paths inside are absolute.
     path = study_file(
-        env["root"], "study-b", env["uri"], folder="job",
+        env["root"],
+        "study-b",
+        env["uri"],
+        folder="job",
         searcher={"num_samples": 3, "max_concurrent": 2, "seed": 1},
         # Jobs in their trial's process (Ray Train's local mode): resumed from Tune's checkpoints.
         ray_train={"in_trial": True},
@@ -223,15 +275,24 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     assert out.returncode == 0, out.stderr
 
     def first_trial_finished():
-        return [r for r in child_runs(client, "study-b") if r.data.tags.get(tracking.KIND_TAG) == "trial" and r.info.status == "FINISHED"]
+        return [
+            r
+            for r in child_runs(client, "study-b")
+            if r.data.tags.get(tracking.KIND_TAG) == "trial" and r.info.status == "FINISHED"
+        ]
 
     done_before = wait_for(first_trial_finished, 600, "a finished search trial of study B")
     stop = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
         [str(BIN / "ray"), "job", "stop", "--address", env["dashboard"], job_id],
-        env=env["env"], capture_output=True, text=True, timeout=120,
+        env=env["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert stop.returncode == 0, stop.stderr
-    finished_before = {r.info.run_id: r.info.end_time for r in child_runs(client, "study-b") if r.info.status == "FINISHED"}
+    finished_before = {
+        r.info.run_id: r.info.end_time for r in child_runs(client, "study-b") if r.info.status == "FINISHED"
+    }
 
     resumed = submit(env, ["mgd-ray", "run", path.name, "--resume"], path.parent, wait=True, job_id=f"{job_id}-resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -259,11 +320,16 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     for run_id, end in finished_before.items():
         assert after[run_id] == end, "a trial that had finished before the kill was run again"
     assert done_before[0].info.run_id in after
-    parents = [r for r in client.search_runs([client.get_experiment_by_name("study-b").experiment_id])
-               if r.data.tags.get(tracking.KIND_TAG) == "study"]
+    parents = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("study-b").experiment_id])
+        if r.data.tags.get(tracking.KIND_TAG) == "study"
+    ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     # report.onnx off: no export logged, and the report says how to make one from the registered model.
     assert not client.list_artifacts(parents[0].info.run_id, "best_student_onnx")
     (env["root"] / "report-b").mkdir()
-    text = Path(client.download_artifacts(parents[0].info.run_id, "report/report.md", str(env["root"] / "report-b"))).read_text()
+    text = Path(
+        client.download_artifacts(parents[0].info.run_id, "report/report.md", str(env["root"] / "report-b"))
+    ).read_text()
     assert "export it with `mgd-ray export models:/study-b-student/1 --format onnx" in text

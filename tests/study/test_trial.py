@@ -16,7 +16,6 @@ QUICKSTART = Path(__file__).parents[2] / "studies" / "quickstart.yaml"
 
 def test_a_trial_runs_with_the_processs_earlier_objects_frozen_out_of_the_gc(monkeypatch):
 
-
     seen = {}
 
     def body(config, plan):

@@ -1,0 +1,104 @@
+"""What a study's runs say in MLflow, read back as the report and the seed repeats need it.
+
+MLflow is the source of truth, also after ``--resume``: each child run's kind, state, params and
+best val mIoU; ``finalize_stopped`` first marks the trials ASHA stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from mgd_ray import tracking
+from mgd_ray.study.plan import Plan
+from mgd_ray.study.search import METRIC
+
+
+def _child_runs(plan: Plan) -> list[Any]:
+    client = tracking.client_for(plan.tracking_uri)
+    return client.search_runs(
+        [plan.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=5000
+    )
+
+
+def finalize_stopped(plan: Plan) -> None:
+    """Runs still running or interrupted after every stage succeeded were stopped early by ASHA.
+
+    A run ASHA stopped keeps its real end: the time it was terminated, or, when its process was
+    killed before it could say so, its last evaluation (every metric of an evaluation is logged in
+    one batch with one timestamp); not the time of this report, which would inflate its duration
+    (and every trial-seconds figure read from MLflow).
+    """
+    client = tracking.client_for(plan.tracking_uri)
+    for run in _child_runs(plan):
+        if run.data.tags.get(tracking.STATE_TAG) in ("running", "interrupted"):
+            tracking.set_tags(client, run.info.run_id, {tracking.STATE_TAG: "stopped_early"})
+            if run.info.end_time is None:
+                stamps = [m.timestamp for m in client.get_metric_history(run.info.run_id, METRIC)]
+                client.set_terminated(run.info.run_id, "KILLED", end_time=max(stamps, default=None))
+
+
+def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
+    """One child run as the report sees it: kind, state, params, best val mIoU, evaluations."""
+    history = tracking.metric_history(client, run.info.run_id, METRIC)
+    tags = run.data.tags
+    return {
+        "run_id": run.info.run_id,
+        "name": tags.get("mlflow.runName", run.info.run_id),
+        "kind": tags.get(tracking.KIND_TAG),
+        "state": tags.get(tracking.STATE_TAG),
+        "seed": tags.get("mgd_ray.seed"),
+        "baseline": tags.get("mgd_ray.baseline"),
+        "params": json.loads(tags.get("mgd_ray.params", "{}")),
+        "miou": max((v for _, v in history if not math.isnan(v)), default=None),
+        "evals": len(history),
+        "last_step": history[-1][0] if history else 0,
+        "cache": tags.get("mgd_ray.teacher_cache"),
+    }
+
+
+def collect(plan: Plan) -> list[dict[str, Any]]:
+    client = tracking.client_for(plan.tracking_uri)
+    return [run_row(client, r) for r in _child_runs(plan)]
+
+
+def best_trial_params(plan: Plan) -> dict[str, Any]:
+    """The params of the finished search trial with the best val mIoU (the one the repeats re-run)."""
+    finalize_stopped(plan)
+    trials = [r for r in collect(plan) if r["kind"] == "trial" and r["miou"] is not None and r["state"] == "finished"]
+    if not trials:
+        raise RuntimeError(f"study {plan.study.name}: no search trial finished with a {METRIC}")
+    return max(trials, key=lambda r: r["miou"])["params"]
+
+
+@dataclass
+class StudyResults:
+    """What the study's child runs in MLflow say, gathered once for every section."""
+
+    rows: list[dict[str, Any]]  # every child run (``run_row``)
+    trials: list[dict[str, Any]]  # the search trials, best first
+    best: dict[str, Any] | None  # the best finished trial
+    baselines: dict[str, list[float]]  # each baseline's best val mIoU, one per seed
+    mgd: list[float]  # the best trial's best val mIoU, then its repeats' on the other seeds
+
+
+def study_results(plan: Plan) -> StudyResults:
+    rows = collect(plan)
+    trials = sorted((r for r in rows if r["kind"] == "trial"), key=lambda r: -(r["miou"] or -1))
+    finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
+    best = finished[0] if finished else None
+    baselines: dict[str, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "baseline" and r["miou"] is not None:
+            baselines.setdefault(r["baseline"], []).append(r["miou"])
+    mgd: list[float] = []
+    if best is not None:
+        repeats = [
+            r["miou"] for r in rows if r["kind"] == "repeat" and r["params"] == best["params"] and r["miou"] is not None
+        ]
+        mgd = [best["miou"], *repeats]
+    return StudyResults(rows, trials, best, baselines, mgd)
