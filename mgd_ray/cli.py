@@ -1,4 +1,8 @@
-"""`mgd-ray` command line: parse, validate, call into the package. No logic of its own."""
+"""`mgd-ray` command line: parse, validate, call into the package. No logic of its own.
+
+Each command imports what it needs when it runs, so `mgd-ray validate` and `--help` answer without
+loading torch, Ray or MLflow.
+"""
 
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_study(path: str, smoke: bool = False):  # -> StudyConfig | None
     from mgd_ray.config import ConfigError
     from mgd_ray.study.config import load_study
-    from mgd_ray.study.plan import smoke as shrink
+    from mgd_ray.study.smoke import smoke as shrink
 
     try:
         study = load_study(path)

@@ -139,7 +139,7 @@ class DistillJobConfig(Strict):
     student: ModelConfig = ModelConfig()
     teachers: dict[str, CheckpointRef]
     teacher_mode: Literal["eval", "train"] = "eval"
-    # How the frozen teachers execute (``mgd_ray.jobs.distill.FrozenTeacher``): bf16 autocast and
+    # How the frozen teachers execute (``mgd_ray.teachers.FrozenTeacher``): bf16 autocast and
     # channels_last speed them up on GPUs with tensor cores; bf16 changes their outputs slightly.
     teacher_precision: Literal["fp32", "bf16"] = "fp32"
     teacher_channels_last: bool = False
@@ -147,7 +147,7 @@ class DistillJobConfig(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     output: Path = Path("mgd_ray_runs/student")
-    # A teacher-signal cache directory (``mgd_ray.teacher_cache.build_cache``): when its key matches
+    # A teacher-signal cache directory (``mgd_ray.teacher_cache.build.build_cache``): when its key matches
     # this job (data, seed, batch sizes, crop/scales, teachers, world size) and it holds the signals
     # and pool size the losses need, steps read the teachers' signals from it instead of running
     # them; otherwise the job runs its teachers and logs why.

@@ -1,5 +1,9 @@
 """The `mgd-ray` command line, run as a user would (in-process for speed)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow.parquet as pq
 
 from mgd_ray.cli import main
@@ -30,3 +34,17 @@ def test_train_with_a_bad_config_reports_yaml_paths(tmp_path, capsys):
     assert "data.partition: must be one of 1/16, 1/8, 1/4, 1/2" in err
     assert "optim.lr: Input should be greater than 0" in err
     assert "unknown_key: Extra inputs are not permitted" in err
+
+
+def test_validate_and_smoke_load_neither_torch_nor_mlflow_nor_ray():
+    """`mgd-ray validate` answers in a fraction of a second: it must not import the heavy libraries."""
+    studies = Path(__file__).parents[1] / "studies"
+    code = (
+        "import sys; from mgd_ray.cli import main; from mgd_ray.study.config import load_study; "
+        "from mgd_ray.study.smoke import smoke; "
+        f"assert main(['validate', {str(studies / 'quickstart.yaml')!r}]) == 0; "
+        f"smoke(load_study({str(studies / 'paper_table1_voc_resnet18.yaml')!r})); "
+        "print(sorted(m for m in ('torch', 'mlflow', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"

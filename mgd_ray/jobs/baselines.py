@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def mean_teacher_terms(
     return terms
 
 
-def _logit_distillation_terms(
+def logit_distillation_terms(
     name: str,
     distil: LogitDistillation,
     student: nn.Module,
@@ -53,7 +54,7 @@ def _logit_distillation_terms(
     b: Batch,
     weight: float,
     temperature: float,
-    batch_reduction: losses.BatchReduction | None,
+    batch_reduction: losses.BatchReduction | None = None,
 ) -> dict[str, Tensor]:
     """CE, and ``distil`` of one frozen teacher's logits on x_l and on x_mix (one teacher forward)."""
     out_l = student(b.x_l)
@@ -66,28 +67,10 @@ def _logit_distillation_terms(
     }
 
 
-def kd_terms(
-    student: nn.Module,
-    teacher: nn.Module,
-    b: Batch,
-    weight: float,
-    temperature: float,
-    batch_reduction: losses.BatchReduction | None = None,
-) -> dict[str, Tensor]:
-    """KD (Hinton et al.): CE and the pixel-wise KL to the teacher's softened logits."""
-    return _logit_distillation_terms("kd", losses.kd_loss, student, teacher, b, weight, temperature, batch_reduction)
-
-
-def cwd_terms(
-    student: nn.Module,
-    teacher: nn.Module,
-    b: Batch,
-    weight: float,
-    temperature: float,
-    batch_reduction: losses.BatchReduction | None = None,
-) -> dict[str, Tensor]:
-    """CWD (Shu et al.): CE and the channel-wise KL to the teacher's spatial distributions."""
-    return _logit_distillation_terms("cwd", losses.cwd_loss, student, teacher, b, weight, temperature, batch_reduction)
+# KD (Hinton et al.): the pixel-wise KL to the teacher's softened class distribution.
+kd_terms = partial(logit_distillation_terms, "kd", losses.kd_loss)
+# CWD (Shu et al.): the KL to the teacher's distribution over locations, channel by channel.
+cwd_terms = partial(logit_distillation_terms, "cwd", losses.cwd_loss)
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:

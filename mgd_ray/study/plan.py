@@ -17,14 +17,11 @@ from mgd_ray import tracking
 from mgd_ray.config import (
     BaselineJobConfig,
     CheckpointRef,
-    DataConfig,
     DistillJobConfig,
     JobConfig,
-    ModelConfig,
-    ScheduleConfig,
     TeacherJobConfig,
 )
-from mgd_ray.study.config import Resources, StudyConfig, TeacherRecipe, TeacherSpec
+from mgd_ray.study.config import Resources, StudyConfig
 
 # A trial's own process only drives its Train job; its workers hold the CPUs/GPUs. Tune refuses an
 # empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
@@ -223,42 +220,3 @@ def trial_job(plan: Plan, config: dict[str, Any], trial_id: str | None = None) -
     cfg = distill_job(plan, params, seed, plan.root / "trials" / trial_id)
     tags = base | {tracking.KIND_TAG: "trial", "mgd_ray.trial_id": trial_id, "mgd_ray.seed": str(seed)}
     return TrialJob(cfg, f"{plan.parent_run_id}/trial/{trial_id}", f"trial {trial_id}", "trial", params, tags)
-
-
-def smoke(study: StudyConfig) -> StudyConfig:
-    """The same study shrunk to seconds: tiny built-in data, 4 iterations, 2 trials, one seed.
-
-    Used by ``mgd-ray run --smoke`` and the tests that dry-run every study file in the repository.
-    """
-    tiny_schedule = ScheduleConfig(iterations=4, eval_every=2, batch_labeled=2, batch_unlabeled=2, eval_batch=4)
-    data = DataConfig(
-        dataset="builtin",
-        root=Path(study.storage_path) / "smoke_data",
-        partition=study.data.partition,
-        builtin={"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
-        crop_size=32,
-        scales=(1.0,),
-    )
-    small = {"resnet101": "resnet18", "resnet50": "resnet18", "wide_resnet50_2": "resnet18", "resnet34": "resnet18"}
-
-    def shrink(model: ModelConfig) -> ModelConfig:
-        return model.model_copy(update={"backbone": small.get(model.backbone, model.backbone), "pretrained": None})
-
-    teachers = {
-        name: TeacherSpec(model=shrink(spec.model), recipe=TeacherRecipe(schedule=tiny_schedule))
-        for name, spec in study.teachers.items()
-    }
-    return study.model_copy(
-        update={
-            "name": f"{study.name}-smoke",
-            "data": data,
-            "teachers": teachers,
-            "student": shrink(study.student),
-            "schedule": tiny_schedule,
-            "search": study.search.model_copy(update={"iterations": None}),
-            "searcher": study.searcher.model_copy(update={"num_samples": 2, "max_concurrent": 2}),
-            "seeds": study.seeds[:1],
-            "resources": Resources(),
-            "teacher_resources": None,
-        }
-    )

@@ -1,6 +1,6 @@
 """Every study file dry-runs: the jobs it would start are built from it and trained for a few steps.
 
-``tests/test_study_config.py`` checks that every ``studies/*.yaml`` validates. Here each study is shrunk
+``tests/study/test_study_config.py`` checks that every ``studies/*.yaml`` validates. Here each study is shrunk
 by ``smoke`` (tiny built-in data, resnet18 instead of the big backbones) and every job it would start
 is built with the driver's own functions (``teacher_job``, ``baseline_job``, ``distill_job``): each
 teacher, each baseline (first seed) and distillation trials that together use every choice of every
@@ -40,8 +40,9 @@ from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
 from mgd_ray.study.config import FloatRange, IntRange, StudyConfig, load_study
-from mgd_ray.study.plan import Plan, baseline_job, distill_job, smoke, teacher_job
+from mgd_ray.study.plan import Plan, baseline_job, distill_job, teacher_job
 from mgd_ray.study.search import make_sampler, optuna_distributions
+from mgd_ray.study.smoke import smoke
 
 STUDIES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
 PAPER_STUDIES = [p for p in STUDIES if p.stem.startswith("paper_")]

@@ -8,8 +8,8 @@ import yaml
 from mgd_ray.cli import main
 from mgd_ray.config import ConfigError
 from mgd_ray.study.config import load_study, parse_study
-from mgd_ray.study.plan import smoke
 from mgd_ray.study.search import make_scheduler, optuna_distributions
+from mgd_ray.study.smoke import smoke
 
 STUDIES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
 MINIMAL = {
