@@ -27,14 +27,14 @@ def optuna_distributions(space: SearchSpace) -> dict[str, optuna.distributions.B
 
 
 def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    s = study.searcher
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
+    searcher = study.searcher
+    if searcher.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=searcher.seed)
+    if searcher.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=searcher.seed, warn_independent_sampling=False)
     # TPE's default warm-up of 10 random trials would make a small study pure random search.
-    startup = max(2, min(10, s.num_samples // 3))
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup)
+    startup = max(2, min(10, searcher.num_samples // 3))
+    return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup)
 
 
 def make_searcher(study: StudyConfig) -> OptunaSearch | None:
@@ -46,8 +46,8 @@ def make_searcher(study: StudyConfig) -> OptunaSearch | None:
 
 def make_scheduler(study: StudyConfig) -> TrialScheduler:
     """ASHA over evaluation rounds (``training_iteration`` counts reports, one per evaluation)."""
-    c = study.scheduler
-    if c.type == "none":
+    scheduler = study.scheduler
+    if scheduler.type == "none":
         return FIFOScheduler()
     max_t = max(1, study.schedule.iterations // study.schedule.eval_every)
     if "iterations" in study.search.searched():
@@ -57,8 +57,8 @@ def make_scheduler(study: StudyConfig) -> TrialScheduler:
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_t + 1,
-        grace_period=min(c.grace_period, max_t),
-        reduction_factor=c.reduction_factor,
+        grace_period=min(scheduler.grace_period, max_t),
+        reduction_factor=scheduler.reduction_factor,
     )
 
 

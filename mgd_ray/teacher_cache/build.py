@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,31 +86,33 @@ def build_cache(
         raise ValueError(f"build_cache: {data.num_classes} classes do not fit uint8 pseudo labels (255 = ignore)")
     roles = TeacherRoles.every(tuple(cfg.teachers)) if signals == "all" else teacher_roles(cfg)
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {
-        "directory": str(out),
-        "files": [],
-        "bytes": 0,
-        "iterations": iterations,
-        "pool_sizes": pools,
-    }
-    caller_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            teachers = load_teachers(cfg, data.num_classes, dev)
-            for rank in rank_list:
-                env = DistEnv(rank, world_size, dev)
-                parquet = _build_rank(cfg, data, teachers, env, out, roles, pools, iterations, rows_per_group)
-                summary["files"].append(str(parquet))
-                summary["bytes"] += parquet.stat().st_size
-    finally:
-        torch.set_num_threads(caller_threads)
+    with _intra_op_threads(threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        teachers = load_teachers(cfg, data.num_classes, dev)
+        files = [
+            _build_rank(
+                cfg, data, teachers, DistEnv(rank, world_size, dev), out, roles, pools, iterations, rows_per_group
+            )
+            for rank in rank_list
+        ]
+    summary: dict[str, Any] = {"directory": str(out), "files": [str(f) for f in files], "iterations": iterations}
+    summary |= {"pool_sizes": pools, "bytes": sum(f.stat().st_size for f in files)}
     summary |= _sizes(summary["bytes"], iterations, len(rank_list), world_size, cfg, data)
     summary |= {"seconds": time.perf_counter() - t0, "signals": stored_signals(roles, cfg.teachers, pools)}
     if verbose:
         print(f"[teacher_cache] {out}: {iterations} steps × {len(rank_list)} rank(s), {_describe(summary)}", flush=True)
     return summary
+
+
+@contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (when given) inside, the caller's again after."""
+    caller = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(caller)
 
 
 def _describe(summary: dict[str, Any]) -> str:
