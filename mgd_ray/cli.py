@@ -67,6 +67,28 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from mgd_ray.config import absolute_paths
+    from mgd_ray.data.check import check_data
+    from mgd_ray.data.datasets import DatasetError
+
+    failed = 0
+    for path in args.studies:
+        study = _load_study(path)
+        if study is None:
+            failed += 1
+            continue
+        try:
+            report = check_data(absolute_paths(study.data, Path.cwd()))
+        except DatasetError as err:  # the manifest cannot even be built: a list or folder problem
+            print(f"mgd-ray data check {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(report.text())
+        failed += not report.ok
+    return 1 if failed else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mgd_ray.config import ConfigError, load_job_config
     from mgd_ray.train import run_job, scaling_config
@@ -250,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="voc: download VOC2012 (2 GB) and SBD (1.4 GB) when they are not in --root",
     )
     prepare.set_defaults(func=_cmd_data_prepare)
+    check = data_sub.add_parser(
+        "check", help="read every image and mask of a study's data once; report every problem and the pixels per class"
+    )
+    check.add_argument("studies", nargs="+", help="study files whose data to check (studies run this check themselves)")
+    check.set_defaults(func=_cmd_data_check)
 
     model_help = "checkpoint file (model.pt), MLflow run id, or models:/name/version"
     classes_help = "class list file (one name per line): refuse a checkpoint trained on other classes"

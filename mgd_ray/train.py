@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from mgd_ray.checkpoint import HISTORY_FILE, MODEL_FILE, load_state
 from mgd_ray.config import JobConfig, absolute_paths, parse_job_config
+from mgd_ray.data.check import check_data, require_clean
 from mgd_ray.data.stream import with_manifest
 from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
@@ -176,10 +177,12 @@ def run_job(
     """Run one job on the Ray cluster ``ray.init`` finds (a local one by default).
 
     Relative paths of the config are resolved against the driver's working directory before the
-    config travels to the workers. The exported model (``model.pt`` of the last checkpoint) is
+    config travels to the workers, and every data file is checked (``check_data``) before any
+    worker starts. The exported model (``model.pt`` of the last checkpoint) is
     copied to ``cfg.output``.
     """
     cfg = with_manifest(absolute_paths(cfg, Path.cwd()))
+    print(require_clean(check_data(cfg.data)).text(), flush=True)
     storage = Path(storage_path).resolve()
     name = name or f"{cfg.kind}-{cfg.output.name}"
     trainer = make_trainer(cfg, scaling, storage, name, max_failures)

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
 from mgd_ray.config import absolute_paths
+from mgd_ray.data.check import DataReport, check_data, require_clean
 from mgd_ray.data.stream import with_manifest
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
@@ -59,9 +60,9 @@ class StudyState:
 
 def run_study(study: StudyConfig, source: Path | None = None, resume: bool = False, base: Path | None = None) -> Path:
     """Run (or resume) a whole study on the Ray cluster ``ray.init`` finds; returns the report file."""
-    plan, state = _open(study, resume, base or Path.cwd())
+    plan, state, data_report = _open(study, resume, base or Path.cwd())
     client = tracking.client_for(plan.tracking_uri)
-    _log_study(plan, client, source)
+    _log_study(plan, client, source, data_report)
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     try:
@@ -76,12 +77,15 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     return report
 
 
-def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyState]:
-    """The plan with absolute paths and its parent run: the last unfinished run's when resuming, else a new one."""
+def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyState, DataReport]:
+    """The plan with absolute paths and its parent run (the last unfinished run's when resuming, else
+    a new one), once every file of the data has passed ``check_data``."""
     storage = Path(study.storage_path)
     storage = storage if storage.is_absolute() else (base / storage).resolve()
     uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
     study = with_manifest(study.model_copy(update={"data": absolute_paths(study.data, base)}))
+    data_report = require_clean(check_data(study.data))
+    print(data_report.text(), flush=True)
     client = tracking.client_for(uri)
     experiment_id = tracking.ensure_experiment(client, study.experiment)
     state = StudyState(storage / study.name / STATE_FILE, {})
@@ -104,11 +108,11 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
     )
     plan.root.mkdir(parents=True, exist_ok=True)
     state.save()
-    return plan, state
+    return plan, state, data_report
 
 
-def _log_study(plan: Plan, client: MlflowClient, source: Path | None) -> None:
-    """The parent run: running, the study's params, the study file and the resolved study."""
+def _log_study(plan: Plan, client: MlflowClient, source: Path | None, data_report: DataReport) -> None:
+    """The parent run: running, the study's params, the study file, the resolved study and the data check."""
     study = plan.study
     tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "running"})
     tracking.log_params(client, plan.parent_run_id, tracking.flatten("", study.model_dump(mode="json")))
@@ -117,6 +121,9 @@ def _log_study(plan: Plan, client: MlflowClient, source: Path | None) -> None:
     resolved = plan.root / "resolved_study.json"
     resolved.write_text(study.model_dump_json(indent=2))
     tracking.log_files(client, plan.parent_run_id, [resolved], "study")
+    checked = plan.root / "data_check.txt"
+    checked.write_text(data_report.text() + "\n")
+    tracking.log_files(client, plan.parent_run_id, [checked], "data")
 
 
 def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: bool) -> Path:
