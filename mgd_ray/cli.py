@@ -68,20 +68,24 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from mgd_ray.config import absolute_paths
+    from mgd_ray.config import DataConfig, absolute_paths
     from mgd_ray.data.check import check_data
     from mgd_ray.data.datasets import DatasetError
 
     failed = 0
-    for path in args.studies:
-        study = _load_study(path)
-        if study is None:
-            failed += 1
-            continue
+    for target in args.targets:
+        if Path(target).is_dir():  # a folder dataset's root, with its default roles
+            data = DataConfig(dataset="folder", root=Path(target))
+        else:
+            study = _load_study(target)
+            if study is None:
+                failed += 1
+                continue
+            data = study.data
         try:
-            report = check_data(absolute_paths(study.data, Path.cwd()))
+            report = check_data(absolute_paths(data, Path.cwd()))
         except DatasetError as err:  # the manifest cannot even be built: a list or folder problem
-            print(f"mgd-ray data check {path}: {err}", file=sys.stderr)
+            print(f"mgd-ray data check {target}: {err}", file=sys.stderr)
             failed += 1
             continue
         print(report.text())
@@ -275,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_sub.add_parser(
         "check", help="read every image and mask of a study's data once; report every problem and the pixels per class"
     )
-    check.add_argument("studies", nargs="+", help="study files whose data to check (studies run this check themselves)")
+    check.add_argument(
+        "targets",
+        nargs="+",
+        help="study files, or folder dataset roots (images/, labels/, classes.txt); studies run this check themselves",
+    )
     check.set_defaults(func=_cmd_data_check)
 
     model_help = "checkpoint file (model.pt), MLflow run id, or models:/name/version"

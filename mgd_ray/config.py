@@ -6,6 +6,7 @@ errors are reported with their YAML path (``schedule.iterations: must be > 0``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
 )
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Share = Annotated[float, Field(gt=0, lt=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
@@ -43,9 +45,25 @@ class BuiltinData(Strict):
 
 
 class DataConfig(Strict):
+    """Which images a job trains on, which keep their labels, and which it evaluates on.
+
+    ``partition`` is the share of the training images that keep their labels: one of the shipped
+    lists' 1/16..1/2 for VOC and Cityscapes; any fraction (``1/64``, ``0.03``) or ``all`` for the
+    built-in and folder datasets, drawn by ``partition_seed``. ``labeled: N`` asks for a count
+    instead, and a folder dataset may name its labeled images (``labeled_list``), its val and test
+    images (id lists) or the shares of its labeled images carved for them (seeded by
+    ``split_seed``, so they stay put when ``partition_seed`` moves), and extra unlabeled images.
+    """
+
     dataset: Literal["builtin", "voc", "cityscapes", "folder"] = "builtin"
     root: Path = Path("data/builtin")
-    partition: str = "1/16"
+    partition: str = "1/16"  # a folder dataset's default is "all": every mask it has
+    labeled: PositiveInt | None = None
+    labeled_list: Path | None = None
+    val: Path | Share | None = None  # folder: default 0.2 of the labeled images
+    test: Path | Share | None = None  # folder: default none
+    unlabeled: tuple[Path, ...] = ()  # folder: folders of images, or lists of image paths relative to root
+    split_seed: int = 0
     protocol: Literal["classic", "pseudoseg"] = "classic"
     partition_seed: int = 0
     builtin: BuiltinData = BuiltinData()
@@ -55,13 +73,57 @@ class DataConfig(Strict):
     manifest: Path | None = None  # a prepared manifest; set by the driver so workers only read it
     loader_workers: Annotated[int, Field(ge=0)] = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _folder_keeps_every_label(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("dataset") != "folder" or "partition" in data:
+            return data
+        if data.get("labeled") is None and data.get("labeled_list") is None:
+            return {**data, "partition": "all"}
+        return data
+
     @field_validator("partition")
     @classmethod
     def _known_partition(cls, value: str) -> str:
-        value = value.replace("-", "/")
-        if value not in FRACTIONS:
-            raise ValueError(f"must be one of {', '.join(FRACTIONS)} (got {value!r})")
+        value = value.strip()
+        ratio = re.fullmatch(r"(\d+)\s*[/-]\s*(\d+)", value)
+        value = f"{ratio[1]}/{ratio[2]}" if ratio else value
+        if value != "all" and labeled_share(value) is None:
+            raise ValueError(f"must be a fraction in (0, 1] such as 1/16 or 0.03, or all (got {value!r})")
         return value
+
+    @model_validator(mode="after")
+    def _options_of_the_dataset(self) -> DataConfig:
+        errors = []
+        if self.labeled is not None and self.labeled_list is not None:
+            errors.append("labeled: give a count or a labeled_list, not both")
+        if (self.labeled is not None or self.labeled_list is not None) and "partition" in self.model_fields_set:
+            errors.append("partition: give a partition or a labeled count/list, not both")
+        folder_only = ("labeled_list", "val", "test", "unlabeled")
+        given = [f for f in folder_only if f in self.model_fields_set and getattr(self, f) not in (None, ())]
+        if self.dataset in ("voc", "cityscapes"):
+            if self.partition not in FRACTIONS:
+                shipped = ", ".join(FRACTIONS)
+                errors.append(
+                    f"partition: {self.dataset} uses its shipped lists, one of {shipped} (got {self.partition!r})"
+                )
+            unsupported = (["labeled"] if self.labeled is not None else []) + given
+            errors += [f"{f}: applies to builtin and folder datasets, not {self.dataset}" for f in unsupported]
+        elif self.dataset == "builtin":
+            errors += [f"{f}: applies to folder datasets; the built-in dataset generates its own splits" for f in given]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+def labeled_share(text: str) -> float | None:
+    """``"1/16"``, ``"1-16"`` or ``"0.0625"`` → 0.0625; None unless it is a fraction in (0, 1]."""
+    ratio = re.fullmatch(r"(\d+)\s*[/-]\s*(\d+)", text)
+    try:
+        value = int(ratio[1]) / int(ratio[2]) if ratio else float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if 0 < value <= 1 else None
 
 
 class ModelConfig(Strict):
@@ -252,6 +314,8 @@ def absolute_paths(cfg: Strict, base: Path) -> Strict:
             return absolute_paths(value, base)
         if isinstance(value, dict):
             return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return tuple(fix(v) for v in value)
         return value
 
     return cfg.model_copy(update={name: fix(getattr(cfg, name)) for name in type(cfg).model_fields})

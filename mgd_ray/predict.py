@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mgd_ray.checkpoint import CHECKPOINT_FORMAT, MODEL_FILE, CheckpointError, SegmenterRecord, read_segmenter, rebuild
-from mgd_ray.data.datasets import IMAGE_EXTENSIONS, DatasetError, load_image
+from mgd_ray.data.datasets import DatasetError, image_files, load_image
 from mgd_ray.metrics import sliding_window_logits
 from mgd_ray.models.deeplab import DeepLabV3Plus
 from mgd_ray.plots import overlay
@@ -246,7 +246,7 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += image_files(item)
         elif item.is_file():
             found.append(item)
         else:

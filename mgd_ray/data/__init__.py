@@ -14,6 +14,7 @@ from mgd_ray.data.datasets import (
     folder_samples,
     voc_samples,
 )
+from mgd_ray.data.folder import prepare_folder
 from mgd_ray.data.partitions import (
     build_manifest,
     cityscapes_manifest,
@@ -21,7 +22,6 @@ from mgd_ray.data.partitions import (
     manifest_meta,
     parse_fraction,
     prepare_builtin,
-    prepare_folder,
     read_manifest,
     standard_split,
     voc_manifest,

@@ -24,8 +24,8 @@ from torchvision.transforms.v2 import functional as F
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_MODES = ("L", "P")
-SUBSETS = ("labeled", "unlabeled", "val")
-Subset = Literal["labeled", "unlabeled", "val"]
+SUBSETS = ("labeled", "unlabeled", "val", "test")
+Subset = Literal["labeled", "unlabeled", "val", "test"]
 PairTransform = Callable[[tv_tensors.Image, tv_tensors.Mask | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 # Data tables: one entry after another, as the datasets list them.
@@ -80,7 +80,7 @@ class Sample:
     label: Path | None
 
 
-def _inside_root(real_root: Path, path: Path, where: str) -> Path:
+def inside_root(real_root: Path, path: Path, where: str) -> Path:
     """Return `path` made absolute, refusing one that resolves (through '..' or symlinks) outside root.
 
     `real_root` is the root already resolved, so a list of thousands of paths resolves it once.
@@ -136,8 +136,8 @@ def voc_samples(root: Path, ids: Sequence[str], list_name: str) -> list[Sample]:
     samples = []
     for line, sample_id in enumerate(ids, start=1):
         where = f"{list_name} line {line}"
-        image = _inside_root(real_root, root / "JPEGImages" / f"{sample_id}.jpg", where)
-        label = _inside_root(real_root, label_dir / f"{sample_id}.png", where)
+        image = inside_root(real_root, root / "JPEGImages" / f"{sample_id}.jpg", where)
+        label = inside_root(real_root, label_dir / f"{sample_id}.png", where)
         _require_file(
             image,
             f"image of id {sample_id!r}",
@@ -202,8 +202,8 @@ def cityscapes_samples(root: Path, list_file: Path | str) -> list[Sample]:
     first_line: dict[str, int] = {}
     for line_number, image_path, label_path in read_pair_list(list_file):
         where = f"{list_file} line {line_number}"
-        image = _inside_root(real_root, root / image_path.lstrip("/"), where)
-        label = _inside_root(real_root, root / label_path.lstrip("/"), where)
+        image = inside_root(real_root, root / image_path.lstrip("/"), where)
+        label = inside_root(real_root, root / label_path.lstrip("/"), where)
         if image.stem in first_line:
             raise DatasetError(
                 f"{where}: id {image.stem!r} already listed on line {first_line[image.stem]}; remove the duplicate"
@@ -240,7 +240,8 @@ def folder_samples(
 ) -> tuple[list[Sample], list[str]]:
     """Every image in root/images_dir (jpg/jpeg/png) with its same-stem PNG mask, plus the class names.
 
-    An image without a mask, or a mask without an image, is an error: nothing is skipped.
+    An image without a mask is unlabeled (``label`` None); a mask without an image is an error, as
+    are two images with one id: nothing is skipped.
     """
     root = Path(root)
     image_root, label_root = root / images_dir, root / labels_dir
@@ -250,30 +251,36 @@ def folder_samples(
     class_names = read_class_names(root / classes_file)
     masks = {p.stem: p for p in label_root.iterdir() if p.suffix.lower() == ".png"}
     images: dict[str, Path] = {}
-    for image in sorted(p for p in image_root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for image in image_files(image_root):
         if image.stem in images:
             raise DatasetError(f"{image} and {images[image.stem]}: two images with id {image.stem!r}; keep one of them")
         images[image.stem] = image
-    samples = []
-    real_root = root.resolve()
-    for sample_id, image in images.items():
-        if sample_id not in masks:
-            raise DatasetError(
-                f"{image}: no mask {label_root / (sample_id + '.png')}; add it or move the image out of {image_root}"
-            )
-        where = str(image)
-        samples.append(
-            Sample(sample_id, _inside_root(real_root, image, where), _inside_root(real_root, masks[sample_id], where))
-        )
-    orphans = sorted(set(masks) - {s.id for s in samples})
+    orphans = sorted(set(masks) - set(images))
     if orphans:
         raise DatasetError(
             f"{label_root}: masks without an image: {', '.join(orphans[:5])}"
             f"{' ...' if len(orphans) > 5 else ''}; add the images or remove the masks"
         )
-    if not samples:
+    if not images:
         raise DatasetError(f"{image_root}: no images (.jpg/.jpeg/.png) found")
+    real_root = root.resolve()
+    samples = []
+    for sample_id, image in images.items():
+        label = masks.get(sample_id)
+        where = str(image)
+        samples.append(
+            Sample(
+                sample_id,
+                inside_root(real_root, image, where),
+                None if label is None else inside_root(real_root, label, where),
+            )
+        )
     return samples, class_names
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images (jpg/jpeg/png) at the top of ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mgd_ray.config import labeled_share
 from mgd_ray.data.builtin import generate_builtin
 from mgd_ray.data.datasets import (
     CITYSCAPES_CLASSES,
@@ -59,7 +59,6 @@ MANIFEST_SCHEMA = pa.schema(
 )
 META_KEY = b"mgd_ray"
 META_KEYS = ("dataset", "root", "num_classes", "class_names", "partition", "fraction", "seed")
-VAL_SPLIT_SEED = 0  # fixed, so runs that vary the partition seed are evaluated on the same images
 
 DatasetName = Literal["voc", "cityscapes"]
 Protocol = Literal["classic", "pseudoseg"]
@@ -67,14 +66,9 @@ Protocol = Literal["classic", "pseudoseg"]
 
 def parse_fraction(fraction: str | float) -> tuple[str, float]:
     """'1/16', '1-16', '0.0625' or 0.0625 → ('1-16', 0.0625); the name is safe in file names."""
-    text = str(fraction).strip()
-    ratio = re.fullmatch(r"(\d+)\s*[/-]\s*(\d+)", text)
-    try:
-        value = int(ratio[1]) / int(ratio[2]) if ratio else float(text)
-    except (ValueError, ZeroDivisionError) as err:
-        raise DatasetError(f"labeled fraction {fraction!r}: write it as '1/16', '1-16' or 0.0625") from err
-    if not 0 < value <= 1:
-        raise DatasetError(f"labeled fraction {fraction!r} must be in (0, 1]")
+    value = labeled_share(str(fraction).strip())
+    if value is None:
+        raise DatasetError(f"labeled fraction {fraction!r}: write it as '1/16', '1-16' or 0.0625, in (0, 1]")
     inverse = 1 / value
     name = f"1-{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{value:g}"
     return name, value
@@ -188,8 +182,9 @@ def build_manifest(
     labeled_ids: Sequence[str],
     unlabeled_ids: Sequence[str],
     meta: dict,
+    test_samples: Sequence[Sample] = (),
 ) -> pa.Table:
-    """One row per training and val sample; labels dropped for unlabeled rows; `meta` (META_KEYS) as JSON."""
+    """One row per training, val and test sample; labels dropped for unlabeled rows; `meta` (META_KEYS) as JSON."""
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise DatasetError(f"manifest metadata lacks {missing}; it needs all of {META_KEYS}")
@@ -212,10 +207,14 @@ def build_manifest(
                 "list; add it to one of them or leave it out of the training samples"
             )
         rows.append((sample, "train", subset[sample.id]))
-    for sample in val_samples:
-        if sample.id in train_ids:
-            raise DatasetError(f"val sample {sample.id!r} is also a training sample; the splits must be disjoint")
-        rows.append((sample, "val", "val"))
+    held: set[str] = set()
+    for role, samples in (("val", val_samples), ("test", test_samples)):
+        for sample in samples:
+            if sample.id in train_ids or sample.id in held:
+                other = "training" if sample.id in train_ids else "val"
+                raise DatasetError(f"{role} sample {sample.id!r} is also a {other} sample; the splits must be disjoint")
+            held.add(sample.id)
+            rows.append((sample, role, role))
     for sample, _, row_subset in rows:
         if row_subset != "unlabeled" and sample.label is None:
             raise DatasetError(f"{sample.image}: {row_subset} sample {sample.id!r} has no label file")
@@ -308,16 +307,26 @@ def prepare_builtin(
     size: int = 96,
     num_classes: int = 6,
     fashion_mnist: bool = False,
+    labeled_images: int | None = None,
 ) -> Path:
     """Generate the built-in data (seeded by `data_seed`), partition it by `seed`, write the manifest.
 
-    Returns root/manifest_<fraction>_seed<seed>.parquet.
+    ``fraction`` (or ``"all"``) is the share of the training images that keep their labels;
+    ``labeled_images`` asks for a count instead. Returns root/manifest_<fraction>_seed<seed>.parquet
+    (``manifest_n<count>_seed<seed>`` for a count).
     """
     root = generate_builtin(root, data_seed, num_train, num_val, size, num_classes, fashion_mnist)
     samples, names = folder_samples(root)
     train = _select(samples, read_id_list(root / "train.txt"), root / "train.txt")
     val = _select(samples, read_id_list(root / "val.txt"), root / "val.txt")
-    fraction_name, value = parse_fraction(fraction)
+    if labeled_images is not None:
+        if labeled_images > len(train):
+            raise DatasetError(
+                f"labeled: {labeled_images} asked for, but the built-in dataset has {len(train)} training images"
+            )
+        fraction_name, value = f"n{labeled_images}", labeled_images / len(train)
+    else:
+        fraction_name, value = parse_fraction(1 if fraction == "all" else fraction)
     labeled, unlabeled = generate_partition(train, value, seed, num_classes)
     meta = {
         "dataset": "builtin",
@@ -330,41 +339,6 @@ def prepare_builtin(
         "data_seed": data_seed,
     }
     table = build_manifest(train, val, labeled, unlabeled, meta)
-    return write_manifest(table, root / _manifest_name(fraction_name, seed))
-
-
-def prepare_folder(root: Path, fraction: str | float, seed: int, val: float | Path = 0.2) -> Path:
-    """Partition a folder dataset (see `folder_samples`) and write root/manifest_<fraction>_seed<seed>.parquet.
-
-    `val` is either the held-out fraction, drawn with a fixed seed so it does not move with `seed`,
-    or an id list file naming the val images.
-    """
-    root = Path(root).absolute()
-    samples, names = folder_samples(root)
-    if isinstance(val, (str, Path)):
-        val_samples = _select(samples, read_id_list(Path(val)), Path(val))
-    else:
-        if not 0 < val < 1:
-            raise DatasetError(f"val fraction {val} must be in (0, 1), or pass an id list file")
-        order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(samples))
-        val_samples = [samples[i] for i in sorted(order[: labeled_count(val, len(samples))])]
-    val_ids = {s.id for s in val_samples}
-    train = [s for s in samples if s.id not in val_ids]
-    if not train:
-        raise DatasetError(f"{root}: no training images left after taking {len(val_samples)} for val")
-    fraction_name, value = parse_fraction(fraction)
-    labeled, unlabeled = generate_partition(train, value, seed, len(names))
-    meta = {
-        "dataset": "folder",
-        "root": str(root),
-        "num_classes": len(names),
-        "class_names": names,
-        "partition": "generated",
-        "fraction": value,
-        "seed": seed,
-        "val": str(val),
-    }
-    table = build_manifest(train, val_samples, labeled, unlabeled, meta)
     return write_manifest(table, root / _manifest_name(fraction_name, seed))
 
 

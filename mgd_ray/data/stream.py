@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from mgd_ray.config import DataConfig, ScheduleConfig
 from mgd_ray.data.datasets import IGNORE_INDEX, SegmentationDataset
+from mgd_ray.data.folder import prepare_folder
 from mgd_ray.data.partitions import (
     cityscapes_manifest,
     manifest_meta,
     prepare_builtin,
-    prepare_folder,
     read_manifest,
     voc_manifest,
     write_manifest,
@@ -48,6 +48,7 @@ class JobData:
     class_names: list[str]
     manifest: Path
     dataset: str = "folder"  # the manifest's dataset name: builtin, voc, cityscapes or folder
+    test: SegmentationDataset | None = None  # only the final evaluation reads it
 
 
 def prepare_manifest(cfg: DataConfig) -> Path:
@@ -68,9 +69,10 @@ def prepare_manifest(cfg: DataConfig) -> Path:
             num_val=size.num_val,
             size=size.size,
             num_classes=size.num_classes,
+            labeled_images=cfg.labeled,
         )
     if cfg.dataset == "folder":
-        return prepare_folder(root, cfg.partition, cfg.partition_seed)
+        return prepare_folder(cfg)
     if cfg.dataset == "voc":
         table = voc_manifest(root, cfg.protocol, cfg.partition)
     else:
@@ -91,6 +93,7 @@ def load_job_data(cfg: DataConfig) -> JobData:
     meta = manifest_meta(table)
     num_classes = int(meta["num_classes"])
     train_tf = train_transform(cfg.crop_size, cfg.scales)
+    has_test = "test" in table["subset"].to_pylist()
     return JobData(
         labeled=SegmentationDataset(table, "labeled", num_classes, train_tf),
         unlabeled=SegmentationDataset(table, "unlabeled", num_classes, train_tf),
@@ -99,6 +102,7 @@ def load_job_data(cfg: DataConfig) -> JobData:
         class_names=list(meta["class_names"]),
         manifest=manifest,
         dataset=str(meta["dataset"]),
+        test=SegmentationDataset(table, "test", num_classes, eval_transform()) if has_test else None,
     )
 
 

@@ -26,6 +26,7 @@ from mgd_ray.study.config import Resources, StudyConfig
 # A trial's own process only drives its Train job; its workers hold the CPUs/GPUs. Tune refuses an
 # empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
 DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
+ROLE_FIELDS = ("labeled", "labeled_list", "val", "test", "unlabeled", "split_seed")
 
 
 @dataclass
@@ -77,6 +78,9 @@ def teacher_key(study: StudyConfig, name: str) -> str:
         if data.dataset == "builtin"
         else {"root": str(Path(data.root).resolve())}
     )
+    # Which images keep their labels and which are held out, where a study sets it (the keys of
+    # studies that leave them at their defaults do not change).
+    data_id |= data.model_dump(mode="json", include=set(ROLE_FIELDS), exclude_defaults=True)
     blob = {
         "data": data_id,
         "model": spec.model.model_dump(mode="json"),

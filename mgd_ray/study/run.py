@@ -123,7 +123,8 @@ def _log_study(plan: Plan, client: MlflowClient, source: Path | None, data_repor
     tracking.log_files(client, plan.parent_run_id, [resolved], "study")
     checked = plan.root / "data_check.txt"
     checked.write_text(data_report.text() + "\n")
-    tracking.log_files(client, plan.parent_run_id, [checked], "data")
+    # The manifest names every image of every role: a run can be traced to the exact images it used.
+    tracking.log_files(client, plan.parent_run_id, [checked, data_report.manifest], "data")
 
 
 def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: bool) -> Path:

@@ -20,7 +20,7 @@ def smoke(study: StudyConfig) -> StudyConfig:
     data = DataConfig(
         dataset="builtin",
         root=Path(study.storage_path) / "smoke_data",
-        partition=study.data.partition,
+        partition=study.data.partition if study.data.partition != "all" else "1/4",  # keep unlabeled images
         builtin={"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
         crop_size=32,
         scales=(1.0,),

@@ -163,10 +163,10 @@ def test_folder_accepts_jpeg_images(folder_root, files):
     assert samples[0].image.name == "s0.jpeg"
 
 
-def test_folder_image_without_mask(folder_root):
+def test_folder_image_without_mask_is_unlabeled(folder_root):
     (folder_root / "labels" / "s4.png").unlink()
-    with pytest.raises(DatasetError, match=r"s4\.png: no mask .*labels/s4\.png"):
-        folder_samples(folder_root)
+    samples, _ = folder_samples(folder_root)
+    assert [s.id for s in samples if s.label is None] == ["s4"] and len(samples) == 10
 
 
 def test_folder_mask_without_image(folder_root, files):

@@ -16,7 +16,6 @@ from mgd_ray.data.partitions import (
     manifest_meta,
     parse_fraction,
     prepare_builtin,
-    prepare_folder,
     read_manifest,
     split_list_path,
     standard_split,
@@ -235,24 +234,6 @@ def test_prepare_builtin_writes_a_covering_manifest(tmp_path):
         present |= set(np.unique(np.array(Image.open(label))).tolist())
     assert present == set(range(6))
     assert prepare_builtin(tmp_path / "b", seed=3, fraction="1/8", num_train=32, num_val=8, size=48) == path
-
-
-def test_prepare_folder_with_val_fraction_or_list(folder_root):
-    path = prepare_folder(folder_root, "1/4", seed=1, val=0.2)
-    table = read_manifest(path)
-    assert path.name == "manifest_1-4_seed1.parquet"
-    subsets = table["subset"].to_pylist()
-    assert subsets.count("val") == 2 and subsets.count("labeled") == 2 and subsets.count("unlabeled") == 6
-    val_ids = table.filter(pa.compute.equal(table["subset"], "val"))["id"].to_pylist()
-    other_seed = read_manifest(prepare_folder(folder_root, "1/4", seed=2, val=0.2))
-    assert other_seed.filter(pa.compute.equal(other_seed["subset"], "val"))["id"].to_pylist() == val_ids
-
-    (folder_root / "val_ids.txt").write_text("s0\ns9\n")
-    table = read_manifest(prepare_folder(folder_root, "1/4", seed=1, val=folder_root / "val_ids.txt"))
-    assert table.filter(pa.compute.equal(table["subset"], "val"))["id"].to_pylist() == ["s0", "s9"]
-    (folder_root / "val_ids.txt").write_text("s0\nnope\n")
-    with pytest.raises(DatasetError, match=r"val_ids\.txt line 2: id 'nope' is not in the dataset"):
-        prepare_folder(folder_root, "1/4", seed=1, val=folder_root / "val_ids.txt")
 
 
 def touch_all(paths: list[Path]) -> None:

@@ -73,3 +73,16 @@ def test_trial_job_names_each_stages_job_and_its_mlflow_run(tmp_path):
     repeat = trial_job(plan, {"stage": "repeats", "params": trial.params, "seed": 3})
     assert repeat.kind == "repeat" and repeat.key.startswith("parent/repeat/") and repeat.key.endswith("/3")
     assert repeat.cfg.losses == trial.cfg.losses and repeat.cfg.schedule.seed == 3
+
+
+def test_teacher_key_follows_the_images_roles():
+    study = load_study(QUICKSTART)
+    key = teacher_key(study, "T_D")
+
+    def with_data(**update) -> str:
+        return teacher_key(study.model_copy(update={"data": study.data.model_copy(update=update)}), "T_D")
+
+    assert with_data(labeled=8) != key  # other labeled images: another teacher
+    assert with_data(split_seed=0) == key  # a setting left at its default changes nothing
+    folder = with_data(dataset="folder", root=Path("/data/mine"), partition="all")
+    assert with_data(dataset="folder", root=Path("/data/mine"), partition="all", test=0.1) != folder
