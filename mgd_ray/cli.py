@@ -93,6 +93,50 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from mgd_ray.data.datasets import DatasetError
+    from mgd_ray.study.template import folder_study, online
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"mgd-ray init: {out} exists; choose another --out or pass --force to replace it", file=sys.stderr)
+        return 2
+    pretrained = {"imagenet": True, "none": False}.get(args.pretrained)
+    if pretrained is None:
+        pretrained = online()
+    gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
+    try:
+        text = folder_study(Path(args.data), pretrained, gpus)
+    except DatasetError as err:
+        print(f"mgd-ray init: {err}", file=sys.stderr)
+        return 2
+    study = _load_study_text(text, str(out))
+    if study is None:  # a bug, not the user's: the template must always validate
+        return 1
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(out)
+    print(
+        f"wrote {out}: study {study.name!r} of {args.data}; check it with `mgd-ray data check {out}`, run it with `mgd-ray run {out}`"
+    )
+    return 0
+
+
+def _load_study_text(text: str, source: str):  # -> StudyConfig | None
+    import yaml
+
+    from mgd_ray.config import ConfigError
+    from mgd_ray.study.config import parse_study
+
+    try:
+        return parse_study(yaml.safe_load(text), source)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mgd_ray.config import ConfigError, load_job_config
     from mgd_ray.train import run_job, scaling_config
@@ -247,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", default=None, help="storage path (overrides the study's storage_path)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
     run.set_defaults(func=_cmd_run)
+
+    init = sub.add_parser("init", help="write a study file for a folder of partly labeled images")
+    init.add_argument(
+        "--data", required=True, help="the folder: images/, labels/ (masks of the labeled images), classes.txt"
+    )
+    init.add_argument("--out", default="study.yaml", help="the study file to write (default study.yaml)")
+    init.add_argument("--pretrained", default="auto", choices=("auto", "imagenet", "none"),
+                      help="ImageNet weights: auto = when they can be downloaded from here")  # fmt: skip
+    init.add_argument("--gpus", type=int, default=None, help="GPUs per job (default: this machine's)")
+    init.add_argument("--force", action="store_true", help="replace --out if it exists")
+    init.set_defaults(func=_cmd_init)
 
     validate = sub.add_parser("validate", help="check study files and report every error; runs nothing")
     validate.add_argument("studies", nargs="+")
