@@ -1,6 +1,6 @@
 """The end of a study: a report that says honestly where MGD stands, saved to disk and to MLflow.
 
-Everything is read back from MLflow (``results``): trials with their params, best val mIoU,
+Everything is read back from MLflow (``results``): trials with their params, final val mIoU,
 evaluations run and state; baselines and the best configuration as mean ± std over seeds;
 teachers; params/FLOPs of student and teachers; Optuna's plots and the mIoU–FLOPs picture (the
 paper's Fig. 1) for this study; the best student logged as a served, registered model. Each
@@ -27,7 +27,7 @@ from mgd_ray.final_eval import example_predictions, load_examples, load_model
 from mgd_ray.models.complexity import latency_ms, segmenter_cost
 from mgd_ray.plots import overlay_grid, plot_miou_vs_cost
 from mgd_ray.study.plan import Plan
-from mgd_ray.study.results import METRIC, StudyResults, finalize_stopped, study_results
+from mgd_ray.study.results import METRIC, StudyResults, final_miou, finalize_stopped, study_results
 from mgd_ray.study.search import optuna_study_from
 
 
@@ -104,7 +104,7 @@ def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tu
         miou = None
         if "run_id" in info:
             history = tracking.metric_history(client, info["run_id"], METRIC)
-            miou = max((v for _, v in history), default=None)
+            miou = final_miou(history)
         params_m, gflops = segmenter_cost(spec.model, num_classes, size)
         points.append(
             {
@@ -155,7 +155,7 @@ def _student_section(
 def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -> list[str]:
     """MGD's best configuration against each baseline, mean ± std over seeds, and the verdict."""
     lines = [
-        "## MGD against the baselines (best val mIoU, mean ± std over seeds)",
+        "## MGD against the baselines (val mIoU at the last evaluation, mean ± std over seeds)",
         "",
         "| method | val mIoU (%) |",
         "|---|---|",
@@ -167,9 +167,9 @@ def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -
 
 
 def _trials_section(results: StudyResults) -> list[str]:
-    """One row per search trial: its parameters, best val mIoU, evaluations and state."""
+    """One row per search trial: its parameters, val mIoU at its last evaluation, evaluations and state."""
     names = sorted({k for r in results.trials for k in r["params"]})
-    lines = ["## Search trials", "", "| trial | " + " | ".join(names) + " | best val mIoU | evaluations | state |"]
+    lines = ["## Search trials", "", "| trial | " + " | ".join(names) + " | val mIoU | evaluations | state |"]
     lines.append("|---" * (len(names) + 4) + "|")
     for r in results.trials:
         values = " | ".join(_fmt(r["params"].get(k)) for k in names)

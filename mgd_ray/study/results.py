@@ -1,7 +1,9 @@
 """What a study's runs say in MLflow, read back as the report and the seed repeats need it.
 
 MLflow is the source of truth, also after ``--resume``: each child run's kind, state, params and
-best val mIoU; ``finalize_stopped`` first marks the trials ASHA stopped.
+val mIoU at its last evaluation (``final_miou``: the weights a job exports and the study registers
+are its last step's, so that is the figure every table and ranking uses, as the paper reports
+final models); ``finalize_stopped`` first marks the trials ASHA stopped.
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ def finalize_stopped(plan: Plan) -> None:
                 client.set_terminated(run.info.run_id, "KILLED", end_time=max(stamps, default=None))
 
 
+def final_miou(history: list[tuple[int, float]]) -> float | None:
+    """The val mIoU of a run's last evaluation (``history``: (step, value) in step order), or None."""
+    values = [v for _, v in history if not math.isnan(v)]
+    return values[-1] if values else None
+
+
 def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
-    """One child run as the report sees it: kind, state, params, best val mIoU, evaluations."""
+    """One child run as the report sees it: kind, state, params, final val mIoU, evaluations."""
     history = tracking.metric_history(client, run.info.run_id, METRIC)
     tags = run.data.tags
     return {
@@ -54,7 +62,7 @@ def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
         "seed": tags.get("mgd_ray.seed"),
         "baseline": tags.get("mgd_ray.baseline"),
         "params": json.loads(tags.get("mgd_ray.params", "{}")),
-        "miou": max((v for _, v in history if not math.isnan(v)), default=None),
+        "miou": final_miou(history),
         "evals": len(history),
         "last_step": history[-1][0] if history else 0,
         "cache": tags.get("mgd_ray.teacher_cache"),
@@ -67,7 +75,7 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
 
 
 def best_trial_params(plan: Plan) -> dict[str, Any]:
-    """The params of the finished search trial with the best val mIoU (the one the repeats re-run)."""
+    """The params of the finished search trial with the best final val mIoU (the one the repeats re-run)."""
     finalize_stopped(plan)
     trials = [r for r in collect(plan) if r["kind"] == "trial" and r["miou"] is not None and r["state"] == "finished"]
     if not trials:
@@ -82,8 +90,8 @@ class StudyResults:
     rows: list[dict[str, Any]]  # every child run (``run_row``)
     trials: list[dict[str, Any]]  # the search trials, best first
     best: dict[str, Any] | None  # the best finished trial
-    baselines: dict[str, list[float]]  # each baseline's best val mIoU, one per seed
-    mgd: list[float]  # the best trial's best val mIoU, then its repeats' on the other seeds
+    baselines: dict[str, list[float]]  # each baseline's final val mIoU, one per seed
+    mgd: list[float]  # the best trial's final val mIoU, then its repeats' on the other seeds
 
 
 def study_results(plan: Plan) -> StudyResults:

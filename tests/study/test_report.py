@@ -54,3 +54,12 @@ def test_verdict_gaps_against_the_seed_spread_and_the_search_selection():
     assert "MGD is 2.00 mIoU above supervised (within twice the seed-to-seed spread of 2.00)." in seeds
     assert "MGD is 8.00 mIoU above kd (larger than twice the seed-to-seed spread of 2.00)." in seeds
     assert "searched trials" not in seeds  # repeated over seeds: no longer a single selected maximum
+
+
+def test_the_figure_of_a_run_is_its_last_evaluation():
+    from mgd_ray.study.results import final_miou
+
+    # The exported (and registered) weights are the last step's: their mIoU, not the run's peak.
+    assert final_miou([(40, 0.31), (80, 0.42), (120, 0.38)]) == 0.38
+    assert final_miou([(40, 0.31), (80, float("nan"))]) == 0.31  # an undefined last value is skipped
+    assert final_miou([]) is None
