@@ -40,6 +40,7 @@ class BuiltinData(Strict):
 
     num_train: PositiveInt = 256
     num_val: PositiveInt = 64
+    num_test: Annotated[int, Field(ge=0)] = 0  # images only a study's final evaluation reads
     size: PositiveInt = 96
     num_classes: Annotated[int, Field(ge=2)] = 6
 

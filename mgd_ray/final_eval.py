@@ -1,4 +1,4 @@
-"""A finished model's val results for its run's artifacts: the recorded confusion matrix and example predictions.
+"""A finished model's results: its recorded val confusion matrix, example predictions, its test figures.
 
 Runs where the job's driver runs (after Ray Train returns), so the prediction overlays come from the
 exported checkpoint itself.
@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from mgd_ray.checkpoint import CheckpointError, load_segmenter, read_segmenter
-from mgd_ray.data.stream import JobData
+from mgd_ray.config import DataConfig
+from mgd_ray.data.stream import JobData, load_job_data
 from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mgd_ray.metrics import mean_iou
+from mgd_ray.distributed import DistEnv
+from mgd_ray.metrics import eval_metrics, evaluate, mean_iou
 
 
 @dataclass
@@ -89,3 +91,22 @@ def load_examples(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict[
         [entries[f"truth/{i}"] for i in range(count)],
         {name: [entries[f"pred/{name}/{i}"] for i in range(count)] for name in names},
     )
+
+
+def evaluate_on_test(
+    models: dict[str, Path], data_cfg: DataConfig, batch: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """``test/mIoU`` and ``test/IoU/<class>`` of each checkpoint on the data's test split.
+
+    A study's final evaluation: the only code that reads the test images, once per model it reports.
+    """
+    data = load_job_data(data_cfg)
+    if data.test is None:
+        raise ValueError(f"{data.manifest}: the data has no test split to evaluate on")
+    env = DistEnv(0, 1, torch.device(device))
+    out = {}
+    for name, path in models.items():
+        net = load_model(path, data.num_classes, name).to(env.device)
+        confusion = evaluate(net, data.test, data.num_classes, env, batch, data_cfg.eval_window)
+        out[name] = eval_metrics(confusion, data.class_names, "test")
+    return out

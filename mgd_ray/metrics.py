@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mgd_ray.data.datasets import IGNORE_INDEX
-from mgd_ray.data.stream import JobData, pad_collate
+from mgd_ray.data.stream import pad_collate
 from mgd_ray.distributed import DistEnv, unwrap
 
 
@@ -123,20 +123,22 @@ def sliding_window_logits(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: JobData, env: DistEnv, batch: int, window: int | None = None) -> ConfusionMatrix:
-    """Confusion matrix over the whole val split, each rank a shard, summed across ranks."""
+def evaluate(
+    model: nn.Module, split: Dataset, num_classes: int, env: DistEnv, batch: int, window: int | None = None
+) -> ConfusionMatrix:
+    """Confusion matrix over a whole split (a job's val, a study's test), each rank a shard, summed across ranks."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    indices = list(range(env.rank, len(data.val), env.world_size))
-    loader = DataLoader(Subset(data.val, indices), batch_size=batch, collate_fn=pad_collate)
-    cm = ConfusionMatrix(data.num_classes, device=env.device)
+    indices = list(range(env.rank, len(split), env.world_size))  # type: ignore[arg-type]
+    loader = DataLoader(Subset(split, indices), batch_size=batch, collate_fn=pad_collate)
+    cm = ConfusionMatrix(num_classes, device=env.device)
     for b in loader:
         x = b["image"].to(env.device)
         if window is None:
             logits = net(x).logits
         else:
-            logits = sliding_window_logits(lambda t: net(t).logits, x, data.num_classes, window)
+            logits = sliding_window_logits(lambda t: net(t).logits, x, num_classes, window)
         cm.update(logits.argmax(1), b["label"].to(env.device))
     cm.all_reduce()
     net.train(was_training)

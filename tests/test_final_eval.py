@@ -28,13 +28,13 @@ def _run(kind, runner, tiny_data_cfg, tiny_schedule, tmp_path, extra) -> tuple[d
     return last, saved
 
 
-def _independent_confusion(path: Path, data) -> np.ndarray:
-    """Rows = truth, columns = prediction, counted with numpy over every labeled val pixel."""
+def _independent_confusion(path: Path, data, split=None) -> np.ndarray:
+    """Rows = truth, columns = prediction, counted with numpy over every labeled pixel of ``split`` (val)."""
     model = load_model(path, data.num_classes, "model")
     k = data.num_classes
     counts = np.zeros((k, k), dtype=np.int64)
     with torch.no_grad():
-        for item in data.val:
+        for item in data.val if split is None else split:
             pred = model(item["image"][None]).logits.argmax(1)[0].numpy().ravel()
             truth = item["label"].numpy().ravel()
             keep = truth < k
@@ -94,3 +94,25 @@ def test_saved_examples_load_back_as_the_teachers_own_predictions(tiny_job_data,
             np.testing.assert_array_equal(truths[i], item["label"].numpy())
             with torch.no_grad():
                 np.testing.assert_array_equal(preds[name][i], model(item["image"][None]).logits.argmax(1)[0].numpy())
+
+
+def test_the_test_figures_are_the_models_own_on_the_test_images(tmp_path, tiny_data_cfg, tiny_schedule, teacher_ckpt):
+    from mgd_ray.config import DataConfig
+    from mgd_ray.data.stream import load_job_data
+    from mgd_ray.final_eval import evaluate_on_test
+    from mgd_ray.metrics import iou_per_class
+
+    with_test = tiny_data_cfg | {"root": str(tmp_path / "data"), "builtin": tiny_data_cfg["builtin"] | {"num_test": 3}}
+    _, path = _run("baseline", run_baseline, with_test, tiny_schedule, tmp_path, {"method": "supervised"})
+    data_cfg = DataConfig.model_validate(with_test)
+    data = load_job_data(data_cfg)
+    assert data.test is not None and data.test.ids == ["test_00000", "test_00001", "test_00002"]
+    assert not set(data.test.ids) & set(data.labeled.ids + data.unlabeled.ids + data.val.ids)
+    figures = evaluate_on_test({"student": path, "teacher": teacher_ckpt}, data_cfg, batch=2)
+    for name, model_path in (("student", path), ("teacher", teacher_ckpt)):
+        counts = _independent_confusion(model_path, data, split=data.test)
+        expected = iou_per_class(torch.from_numpy(counts))
+        assert figures[name]["test/mIoU"] == pytest.approx(float(np.nanmean(expected.numpy())))
+        assert set(figures[name]) == {"test/mIoU"} | {f"test/IoU/{c}" for c in data.class_names}
+    with pytest.raises(ValueError, match="no test split"):
+        evaluate_on_test({"student": path}, DataConfig.model_validate(tiny_data_cfg), batch=2)

@@ -8,7 +8,8 @@ smooth noise and blobs, and pixel noise is added. Small students stay well behin
 here; the README's Results section measures how much of that gap labels explain at a CPU budget.
 
 Layout written under root (read with `folder_samples`): images/<id>.png (RGB), labels/<id>.png
-(P mode, pixel = class id), classes.txt, train.txt, val.txt, builtin.json (the parameters).
+(P mode, pixel = class id), classes.txt, train.txt, val.txt, test.txt (when a test split is asked
+for), builtin.json (the parameters).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from PIL import Image
 from mgd_ray.data.datasets import DatasetError, voc_palette
 
 GENERATOR_VERSION = 3
+SPLITS = ("train", "val", "test")  # each split's images come from their own seeded streams
 OFF_HUE = 0.2  # share of objects drawn in a random colour instead of their class's hue
 HUE_JITTER = 0.07  # ± around the class hue; class hues are ≥ 0.146 apart (golden-ratio spacing)
 BUILTIN_CLASSES = (
@@ -245,7 +247,7 @@ def builtin_image(
     seed: int, split: str, index: int, size: int, num_classes: int, items: dict[int, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 H×W×3) and label (uint8 H×W); its own RNG, seeded by (seed, split, index)."""
-    rng = np.random.default_rng([seed, ("train", "val").index(split), index])
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
     background = _background(rng, size)
     image, label = render_scene(background, _sample_scene(rng, size, num_classes, items or {}))
     image += rng.normal(0, rng.uniform(3, 12), image.shape)
@@ -287,7 +289,9 @@ def load_fashion_mnist(directory: Path, num_item_classes: int) -> dict[int, np.n
     return groups
 
 
-def _params(seed: int, num_train: int, num_val: int, size: int, num_classes: int, fashion_mnist: bool) -> dict:
+def _params(
+    seed: int, num_train: int, num_val: int, size: int, num_classes: int, fashion_mnist: bool, num_test: int = 0
+) -> dict:
     max_classes = len(BUILTIN_CLASSES) + (len(FASHION_MNIST_CLASSES) if fashion_mnist else 0)
     min_classes = len(BUILTIN_CLASSES) + 1 if fashion_mnist else 2
     if not min_classes <= num_classes <= max_classes:
@@ -299,7 +303,7 @@ def _params(seed: int, num_train: int, num_val: int, size: int, num_classes: int
         raise DatasetError(
             f"built-in dataset: need num_train >= 1, num_val >= 1, size >= 32; got {num_train}, {num_val}, {size}"
         )
-    return {
+    params = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "num_train": num_train,
@@ -308,10 +312,12 @@ def _params(seed: int, num_train: int, num_val: int, size: int, num_classes: int
         "num_classes": num_classes,
         "fashion_mnist": fashion_mnist,
     }
+    # A test split is new: data generated without one keeps its builtin.json and is not rewritten.
+    return params | ({"num_test": num_test} if num_test else {})
 
 
 def _ids(params: dict) -> dict[str, list[str]]:
-    return {split: [f"{split}_{i:05d}" for i in range(params[f"num_{split}"])] for split in ("train", "val")}
+    return {split: [f"{split}_{i:05d}" for i in range(params.get(f"num_{split}", 0))] for split in SPLITS}
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -320,7 +326,7 @@ def _is_complete(root: Path, params: dict) -> bool:
             return False
     except (OSError, ValueError):
         return False
-    names = ["classes.txt", "train.txt", "val.txt"]
+    names = ["classes.txt", "train.txt", "val.txt"] + (["test.txt"] if params.get("num_test") else [])
     for ids in _ids(params).values():
         names += [f"{folder}/{sample_id}.png" for sample_id in ids for folder in ("images", "labels")]
     return all((root / name).is_file() for name in names)
@@ -336,6 +342,8 @@ def _write(directory: Path, params: dict, items: dict[int, np.ndarray]) -> None:
     (directory / "labels").mkdir()
     palette = [c for rgb in voc_palette(256) for c in rgb]
     for split, ids in _ids(params).items():
+        if not ids:  # no test split asked for: no test.txt
+            continue
         for index, sample_id in enumerate(ids):
             image, label = builtin_image(params["seed"], split, index, params["size"], params["num_classes"], items)
             Image.fromarray(image).save(directory / "images" / f"{sample_id}.png")
@@ -356,6 +364,7 @@ def generate_builtin(
     num_classes: int = 6,
     fashion_mnist: bool = False,
     fashion_mnist_dir: Path = FASHION_MNIST_DIR,
+    num_test: int = 0,
 ) -> Path:
     """Write the built-in dataset to root (same parameters → byte-identical files) and return root.
 
@@ -365,7 +374,7 @@ def generate_builtin(
     that is not a built-in dataset is refused rather than replaced.
     """
     root = Path(root).absolute()
-    params = _params(seed, num_train, num_val, size, num_classes, fashion_mnist)
+    params = _params(seed, num_train, num_val, size, num_classes, fashion_mnist, num_test)
     if _is_complete(root, params):
         return root
     if root.exists() and any(root.iterdir()) and not (root / "builtin.json").exists():

@@ -308,6 +308,7 @@ def prepare_builtin(
     num_classes: int = 6,
     fashion_mnist: bool = False,
     labeled_images: int | None = None,
+    num_test: int = 0,
 ) -> Path:
     """Generate the built-in data (seeded by `data_seed`), partition it by `seed`, write the manifest.
 
@@ -315,10 +316,11 @@ def prepare_builtin(
     ``labeled_images`` asks for a count instead. Returns root/manifest_<fraction>_seed<seed>.parquet
     (``manifest_n<count>_seed<seed>`` for a count).
     """
-    root = generate_builtin(root, data_seed, num_train, num_val, size, num_classes, fashion_mnist)
+    root = generate_builtin(root, data_seed, num_train, num_val, size, num_classes, fashion_mnist, num_test=num_test)
     samples, names = folder_samples(root)
     train = _select(samples, read_id_list(root / "train.txt"), root / "train.txt")
     val = _select(samples, read_id_list(root / "val.txt"), root / "val.txt")
+    test = _select(samples, read_id_list(root / "test.txt"), root / "test.txt") if num_test else []
     if labeled_images is not None:
         if labeled_images > len(train):
             raise DatasetError(
@@ -338,7 +340,7 @@ def prepare_builtin(
         "seed": seed,
         "data_seed": data_seed,
     }
-    table = build_manifest(train, val, labeled, unlabeled, meta)
+    table = build_manifest(train, val, labeled, unlabeled, meta, test)
     return write_manifest(table, root / _manifest_name(fraction_name, seed))
 
 

@@ -70,6 +70,7 @@ def prepare_manifest(cfg: DataConfig) -> Path:
             size=size.size,
             num_classes=size.num_classes,
             labeled_images=cfg.labeled,
+            num_test=size.num_test,
         )
     if cfg.dataset == "folder":
         return prepare_folder(cfg)
@@ -85,6 +86,11 @@ def with_manifest(cfg: ConfigWithData) -> ConfigWithData:
     """A copy of a job or study config whose ``data.manifest`` names its prepared manifest."""
     data: DataConfig = cfg.data  # type: ignore[attr-defined]
     return cfg.model_copy(update={"data": data.model_copy(update={"manifest": prepare_manifest(data)})})
+
+
+def has_test_split(cfg: DataConfig) -> bool:
+    """Whether the configured data's manifest holds test images."""
+    return "test" in read_manifest(prepare_manifest(cfg))["subset"].to_pylist()
 
 
 def load_job_data(cfg: DataConfig) -> JobData:

@@ -198,7 +198,9 @@ def _evaluate_all(
     confusion: dict[str, ConfusionMatrix] = {}
     for label, net in evaluated.items():
         prefix = f"val/{label}" if label else "val"
-        confusion[label] = evaluate(net, ctx.data, ctx.env, ctx.schedule.eval_batch, ctx.data_cfg.eval_window)
+        confusion[label] = evaluate(
+            net, ctx.data.val, ctx.data.num_classes, ctx.env, ctx.schedule.eval_batch, ctx.data_cfg.eval_window
+        )
         metrics |= eval_metrics(confusion[label], ctx.data.class_names, prefix)
     if "val/mIoU" not in metrics:
         metrics["val/mIoU"] = max(v for k, v in metrics.items() if k.startswith("val/") and k.endswith("/mIoU"))

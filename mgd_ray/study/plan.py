@@ -73,11 +73,13 @@ def teacher_key(study: StudyConfig, name: str) -> str:
         "crop_size": data.crop_size,
         "scales": list(data.scales),
     }
-    data_id |= (
-        {"builtin": data.builtin.model_dump()}
-        if data.dataset == "builtin"
-        else {"root": str(Path(data.root).resolve())}
-    )
+    if data.dataset == "builtin":
+        builtin = data.builtin.model_dump()
+        if not builtin["num_test"]:  # data without a test split keeps the keys it had before there was one
+            del builtin["num_test"]
+        data_id["builtin"] = builtin
+    else:
+        data_id["root"] = str(Path(data.root).resolve())
     # Which images keep their labels and which are held out, where a study sets it (the keys of
     # studies that leave them at their defaults do not change).
     data_id |= data.model_dump(mode="json", include=set(ROLE_FIELDS), exclude_defaults=True)

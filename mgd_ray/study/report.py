@@ -92,32 +92,36 @@ def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tu
     """The teachers' table, and each teacher as a point of the mIoU–cost figures."""
     client = tracking.client_for(plan.tracking_uri)
     size = plan.study.data.crop_size
-    lines = [
-        "## Teachers",
-        "",
-        "| teacher | backbone | source | val mIoU | params (M) | GFLOPs |",
-        "|---|---|---|---|---|---|",
-    ]
-    points = []
+    points, rows = [], []
     for name, spec in plan.study.teachers.items():
         info = state.get("teachers", {}).get(name, {})
-        miou = None
+        miou = test = None
         if "run_id" in info:
-            history = tracking.metric_history(client, info["run_id"], METRIC)
-            miou = final_miou(history)
+            miou = final_miou(tracking.metric_history(client, info["run_id"], METRIC))
+            test = final_miou(tracking.metric_history(client, info["run_id"], "test/mIoU"))
         params_m, gflops = segmenter_cost(spec.model, num_classes, size)
         points.append(
             {
                 "name": f"teacher {name} ({spec.model.backbone})",
                 "kind": "teacher",
                 "miou": miou,
+                "test": test,
                 "gflops": gflops,
                 "latency_ms": latency_ms(spec.model, num_classes, size),
             }
         )
-        lines.append(
-            f"| {name} | {spec.model.backbone} | {info.get('source', '?')} | {_pct(miou)} | {params_m:.2f} | {gflops:.2f} |"
-        )
+        rows.append((name, spec.model.backbone, info.get("source", "?"), miou, test, params_m, gflops))
+    tested = any(point["test"] is not None for point in points)
+    test_head, test_rule = (" test mIoU |", "---|") if tested else ("", "")
+    lines = [
+        "## Teachers",
+        "",
+        f"| teacher | backbone | source | val mIoU |{test_head} params (M) | GFLOPs |",
+        f"|---|---|---|---|{test_rule}---|---|",
+    ]
+    for name, backbone, source, miou, test, params_m, gflops in rows:
+        test_cell = f" {_pct(test)} |" if tested else ""
+        lines.append(f"| {name} | {backbone} | {source} | {_pct(miou)} |{test_cell} {params_m:.2f} | {gflops:.2f} |")
     return lines, points
 
 
@@ -153,17 +157,32 @@ def _student_section(
 
 
 def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -> list[str]:
-    """MGD's best configuration against each baseline, mean ± std over seeds, and the verdict."""
+    """MGD's best configuration against each baseline, mean ± std over seeds, and the verdict: on the
+    test split when the data has one (val chose the configuration), else on val."""
+    if not (results.mgd_test or results.baselines_test):
+        lines = [
+            "## MGD against the baselines (val mIoU at the last evaluation, mean ± std over seeds)",
+            "",
+            "| method | val mIoU (%) |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {fmt_ms(values)} |" for name, values in results.baselines.items()]
+        lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} |")
+        searched = sum(r["miou"] is not None for r in results.trials)
+        return lines + ["", _verdict(results.mgd, results.baselines, teachers, searched), ""]
     lines = [
-        "## MGD against the baselines (val mIoU at the last evaluation, mean ± std over seeds)",
+        "## MGD against the baselines (mIoU at the last evaluation, mean ± std over seeds)",
         "",
-        "| method | val mIoU (%) |",
-        "|---|---|",
+        "The search, ASHA and the choice of configuration saw val only; test was read once, by this final evaluation.",
+        "",
+        "| method | val mIoU (%) | test mIoU (%) |",
+        "|---|---|---|",
     ]
-    lines += [f"| {name} | {fmt_ms(values)} |" for name, values in results.baselines.items()]
-    lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} |")
-    searched = sum(r["miou"] is not None for r in results.trials)
-    return lines + ["", _verdict(results.mgd, results.baselines, teachers, searched), ""]
+    for name, values in results.baselines.items():
+        lines.append(f"| {name} | {fmt_ms(values)} | {fmt_ms(results.baselines_test.get(name, []))} |")
+    lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} | {fmt_ms(results.mgd_test)} |")
+    on_test = [t | {"miou": t["test"]} for t in teachers]
+    return lines + ["", _verdict(results.mgd_test, results.baselines_test, on_test, split="test"), ""]
 
 
 def _trials_section(results: StudyResults) -> list[str]:
@@ -200,18 +219,23 @@ def _best_student_section(
 
 
 def _verdict(
-    mgd: list[float], baselines: dict[str, list[float]], teachers: list[dict[str, Any]], searched: int = 1
+    mgd: list[float],
+    baselines: dict[str, list[float]],
+    teachers: list[dict[str, Any]],
+    searched: int = 1,
+    split: str = "val",
 ) -> str:
     """One honest sentence per comparison: the gap and whether it exceeds the seed-to-seed spread.
 
     ``mgd`` is the best searched trial, then its repeats over the other seeds; ``searched``: how
     many trials it was picked from. Without repeats it is a maximum chosen on the val split that
-    scores it, which a baseline's single run is not: the sentence says so.
+    scores it, which a baseline's single run is not: the sentence says so. ``split`` names the split
+    of the figures when it is not val.
     """
     if not mgd:
         return "No MGD trial finished."
     m, s = mean_std(mgd)
-    out = []
+    out = [] if split == "val" else [f"On the {split} split:"]
     for name, values in baselines.items():
         bm, bs = mean_std(values)
         gap = m - bm

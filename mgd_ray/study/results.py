@@ -63,6 +63,7 @@ def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
         "baseline": tags.get("mgd_ray.baseline"),
         "params": json.loads(tags.get("mgd_ray.params", "{}")),
         "miou": final_miou(history),
+        "test": final_miou(tracking.metric_history(client, run.info.run_id, "test/mIoU")),
         "evals": len(history),
         "last_step": history[-1][0] if history else 0,
         "cache": tags.get("mgd_ray.teacher_cache"),
@@ -92,6 +93,8 @@ class StudyResults:
     best: dict[str, Any] | None  # the best finished trial
     baselines: dict[str, list[float]]  # each baseline's final val mIoU, one per seed
     mgd: list[float]  # the best trial's final val mIoU, then its repeats' on the other seeds
+    baselines_test: dict[str, list[float]]  # the same on the test split, when the data has one
+    mgd_test: list[float]
 
 
 def study_results(plan: Plan) -> StudyResults:
@@ -100,13 +103,16 @@ def study_results(plan: Plan) -> StudyResults:
     finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
     best = finished[0] if finished else None
     baselines: dict[str, list[float]] = {}
+    baselines_test: dict[str, list[float]] = {}
     for r in rows:
         if r["kind"] == "baseline" and r["miou"] is not None:
             baselines.setdefault(r["baseline"], []).append(r["miou"])
+        if r["kind"] == "baseline" and r["test"] is not None:
+            baselines_test.setdefault(r["baseline"], []).append(r["test"])
     mgd: list[float] = []
+    mgd_test: list[float] = []
     if best is not None:
-        repeats = [
-            r["miou"] for r in rows if r["kind"] == "repeat" and r["params"] == best["params"] and r["miou"] is not None
-        ]
-        mgd = [best["miou"], *repeats]
-    return StudyResults(rows, trials, best, baselines, mgd)
+        repeats = [r for r in rows if r["kind"] == "repeat" and r["params"] == best["params"]]
+        mgd = [r["miou"] for r in [best, *repeats] if r["miou"] is not None]
+        mgd_test = [r["test"] for r in [best, *repeats] if r["test"] is not None]
+    return StudyResults(rows, trials, best, baselines, mgd, baselines_test, mgd_test)

@@ -1,4 +1,5 @@
-"""Run a study: teachers (once, reused through MLflow) → baselines → Optuna search → seed repeats → report.
+"""Run a study: teachers (once, reused through MLflow) → baselines → Optuna search → seed repeats →
+the final evaluation on the test split, when the data has one → report.
 
 MLflow records it all under one parent run. ``study_state.json`` under the study's storage says
 which stages have finished, so ``resume=True`` reuses the parent run and continues where the
@@ -20,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mgd_ray import tracking
 from mgd_ray.config import absolute_paths
 from mgd_ray.data.check import DataReport, check_data, require_clean
-from mgd_ray.data.stream import with_manifest
+from mgd_ray.data.stream import has_test_split, with_manifest
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.report import write_report
@@ -32,6 +33,7 @@ from mgd_ray.study.stages import (
     stage_repeats,
     stage_search,
     stage_teachers,
+    stage_test,
     write_teacher_examples,
 )
 
@@ -151,4 +153,7 @@ def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: boo
     if not state.done("repeats"):
         stage_repeats(plan, best, resume)
         state.finish("repeats")
+    if has_test_split(study.data) and not state.done("test"):
+        stage_test(plan, state.values["teachers"], best)
+        state.finish("test")
     return write_report(plan, state.values)

@@ -21,8 +21,9 @@ import ray.tune
 
 from mgd_ray import tracking
 from mgd_ray.data.stream import load_job_data
-from mgd_ray.final_eval import save_examples
+from mgd_ray.final_eval import evaluate_on_test, save_examples
 from mgd_ray.study.plan import Plan, distill_job, teacher_key, teacher_ref
+from mgd_ray.study.results import study_results
 from mgd_ray.study.search import make_scheduler, make_searcher
 from mgd_ray.study.trial import run_trial
 from mgd_ray.teacher_cache.build import build_cache
@@ -264,14 +265,19 @@ def drop_orphan_trial_runs(plan: Plan, known_trial_ids: set[str]) -> list[str]:
 
     A trial creates its run as soon as it starts; a driver killed before Tune's next snapshot
     leaves a run that the resumed search never continues (it proposes a new trial instead), so the
-    study would show one trial too many. Finished runs are kept: they are results.
+    study would show one trial too many. Finished runs are kept: they are results. The job of a
+    dropped trial left its own output folder (``trials/<trial id>``: the checkpoints it wrote before
+    the kill), which nothing resumes: it goes too.
     """
     client = tracking.client_for(plan.tracking_uri)
     query = f"tags.`mlflow.parentRunId` = '{plan.parent_run_id}' and tags.`{tracking.KIND_TAG}` = 'trial'"
     dropped = []
     for run in client.search_runs([plan.experiment_id], query, max_results=5000):
-        if run.info.status != "FINISHED" and run.data.tags.get("mgd_ray.trial_id") not in known_trial_ids:
+        trial_id = run.data.tags.get("mgd_ray.trial_id")
+        if run.info.status != "FINISHED" and trial_id not in known_trial_ids:
             client.delete_run(run.info.run_id)
+            if trial_id:
+                shutil.rmtree(plan.root / "trials" / trial_id, ignore_errors=True)
             dropped.append(run.info.run_id)
     if dropped:
         log.info("search: deleted %d unfinished trial run(s) unknown to Tune's snapshot: %s", len(dropped), dropped)
@@ -324,3 +330,33 @@ def stage_repeats(plan: Plan, best_params: dict[str, Any], resume: bool) -> None
         tune_config=_grid_tune_config(plan),
     )
     check_stage(tuner.fit(), "repeats")
+
+
+def stage_test(
+    plan: Plan, teachers: dict[str, dict[str, Any]], best_params: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """The final evaluation on the test split, the only time a study reads it: the teachers, every
+    baseline run and the best configuration's runs (its trial and repeats); nothing else ever sees it.
+
+    Each model's ``test/mIoU`` and per-class IoU are logged to its run; returns them by run id.
+    """
+    client = tracking.client_for(plan.tracking_uri)
+    runs = [info["run_id"] for info in teachers.values() if "run_id" in info]
+    for row in study_results(plan).rows:
+        chosen = row["kind"] == "baseline" or (row["kind"] in ("trial", "repeat") and row["params"] == best_params)
+        if chosen and row["state"] == "finished":
+            runs.append(row["run_id"])
+    folder = plan.root / "test_models"
+    models = {run_id: tracking.download_checkpoint(plan.tracking_uri, run_id, folder / run_id) for run_id in runs}
+    resources = plan.study.resources
+    evaluate = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=min(1.0, resources.gpus_per_worker))(
+        evaluate_on_test
+    )
+    device = "cuda" if resources.gpus_per_worker else "cpu"
+    figures = ray.get(evaluate.remote(models, plan.study.data, plan.study.schedule.eval_batch, device))
+    for run_id, metrics in figures.items():
+        step = max((s for s, _ in tracking.metric_history(client, run_id, "val/mIoU")), default=0)
+        tracking.log_metrics(client, run_id, metrics, step=step)
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("test: evaluated %d models on the test split", len(figures))
+    return figures

@@ -36,12 +36,16 @@ def test_resume_deletes_only_unfinished_trial_runs_that_tunes_snapshot_does_not_
     other_study = trial("lost4", "RUNNING", parent_id=other_parent)
     baseline = trial("", "RUNNING", kind="baseline")
     plan = Plan(load_study(QUICKSTART), tmp_path, uri, exp, parent)
+    for trial_id in ("known", "lost1", "lost3"):  # the jobs' own folders, with the checkpoints they wrote
+        (tmp_path / "trials" / trial_id / "checkpoints" / "step_00000002").mkdir(parents=True)
 
     dropped = drop_orphan_trial_runs(plan, {"known"})
 
     assert sorted(dropped) == sorted([orphan_running, orphan_killed])
     alive = {r.info.run_id for r in client.search_runs([exp], max_results=100)}
     assert alive == {parent, other_parent, known_running, orphan_finished, other_study, baseline}
+    # A dropped trial's folder goes with its run (nothing resumes it); the others' stay.
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == ["known", "lost3"]
 
 
 def test_baseline_jobs_are_those_without_a_finished_run(tmp_path):

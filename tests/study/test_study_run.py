@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow  # a real Ray head, an MLflow server and whole stu
 
 BIN = Path(sys.executable).parent
 # Same tiny shapes as tests/conftest.py (a conftest is not importable by name: tests/data has one too).
-TINY_DATA = {"builtin": {"num_train": 16, "num_val": 4, "size": 32}, "crop_size": 32, "scales": [1.0]}
+# A test split too: only the study's final evaluation may read it.
+TINY_DATA = {"builtin": {"num_train": 16, "num_val": 4, "num_test": 4, "size": 32}, "crop_size": 32, "scales": [1.0]}
 TINY_SCHEDULE = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 
 
@@ -239,8 +240,16 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "best_student_onnx")] == [
         "best_student_onnx/best_student.onnx"
     ]
+    # The final evaluation read test once per reported model: the teacher, Sup-only and the best trial.
+    tested = [r for r in runs if r is not parent and "test/mIoU" in r.data.metrics]
+    best = max(trials, key=lambda r: r.data.metrics["val/mIoU"])
+    assert {r.info.run_id for r in tested} == {teacher.info.run_id, baseline.info.run_id, best.info.run_id}
+    assert all(0.0 <= r.data.metrics["test/mIoU"] <= 1.0 for r in tested)
+    assert all(any(k.startswith("test/IoU/") for k in r.data.metrics) for r in tested)
     text = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(env["root"]))).read_text()
     assert "| supervised |" in text and "MGD (best searched configuration)" in text
+    assert "| method | val mIoU (%) | test mIoU (%) |" in text and "On the test split:" in text
+    assert f"{100 * best.data.metrics['test/mIoU']:.2f}" in text
     assert "Teacher-signal cache:" in text and "it served 2 of 2 MGD runs" in text
     versions = client.search_model_versions("name = 'study-a-student'")
     assert len(versions) == 1 and "val mIoU" in versions[0].description
