@@ -88,11 +88,6 @@ def with_manifest(cfg: ConfigWithData) -> ConfigWithData:
     return cfg.model_copy(update={"data": data.model_copy(update={"manifest": prepare_manifest(data)})})
 
 
-def has_test_split(cfg: DataConfig) -> bool:
-    """Whether the configured data's manifest holds test images."""
-    return "test" in read_manifest(prepare_manifest(cfg))["subset"].to_pylist()
-
-
 def load_job_data(cfg: DataConfig) -> JobData:
     manifest = prepare_manifest(cfg)
     table = read_manifest(manifest)

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mgd_ray import tracking
 from mgd_ray.config import absolute_paths
 from mgd_ray.data.check import DataReport, check_data, require_clean
-from mgd_ray.data.stream import has_test_split, with_manifest
+from mgd_ray.data.stream import with_manifest
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.report import write_report
@@ -68,7 +68,7 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     try:
-        report = _run_stages(plan, state, client, resume)
+        report = _run_stages(plan, state, client, resume, tested=data_report.images["test"] > 0)
     except BaseException:
         tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "interrupted"})
         raise
@@ -129,8 +129,11 @@ def _log_study(plan: Plan, client: MlflowClient, source: Path | None, data_repor
     tracking.log_files(client, plan.parent_run_id, [checked, data_report.manifest], "data")
 
 
-def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: bool) -> Path:
-    """The stages in order, each skipped when a resumed study had finished it; returns the report."""
+def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: bool, tested: bool) -> Path:
+    """The stages in order, each skipped when a resumed study had finished it; returns the report.
+
+    ``tested``: the data has test images (the data check counted them), read once by ``stage_test``.
+    """
     study = plan.study
     state.values["teachers"] = stage_teachers(plan, resume)
     state.save()
@@ -153,7 +156,7 @@ def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: boo
     if not state.done("repeats"):
         stage_repeats(plan, best, resume)
         state.finish("repeats")
-    if has_test_split(study.data) and not state.done("test"):
+    if tested and not state.done("test"):
         stage_test(plan, state.values["teachers"], best)
         state.finish("test")
     return write_report(plan, state.values)
