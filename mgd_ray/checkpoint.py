@@ -82,6 +82,8 @@ class SegmenterRecord:
     # The val metrics and confusion matrix (all ranks' pixels) of the evaluation that exported it.
     metrics: dict[str, float] = field(default_factory=dict)
     confusion: list[list[int]] | None = None
+    # How many times each image was drawn to train it, per stream (labeled, unlabeled), over all ranks.
+    drawn: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def is_teacher(self) -> bool:
@@ -125,6 +127,7 @@ def read_segmenter(path: Path, what: str = "") -> tuple[SegmenterRecord, dict[st
         dataset=raw.get("dataset"),
         metrics=dict(raw.get("metrics", {})),
         confusion=raw.get("confusion"),
+        drawn={str(k): dict(v) for k, v in raw.get("drawn", {}).items()},
     )
     return record, raw["state_dict"]
 

@@ -26,7 +26,6 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2"]
-FRACTIONS = ("1/16", "1/8", "1/4", "1/2")
 
 
 class Strict(BaseModel):
@@ -48,12 +47,17 @@ class BuiltinData(Strict):
 class DataConfig(Strict):
     """Which images a job trains on, which keep their labels, and which it evaluates on.
 
-    ``partition`` is the share of the training images that keep their labels: one of the shipped
-    lists' 1/16..1/2 for VOC and Cityscapes; any fraction (``1/64``, ``0.03``) or ``all`` for the
-    built-in and folder datasets, drawn by ``partition_seed``. ``labeled: N`` asks for a count
-    instead, and a folder dataset may name its labeled images (``labeled_list``), its val and test
-    images (id lists) or the shares of its labeled images carved for them (seeded by
-    ``split_seed``, so they stay put when ``partition_seed`` moves), and extra unlabeled images.
+    ``partition`` is the share of the training images that keep their labels: VOC's and
+    Cityscapes' 1/16..1/2 are the shipped lists (the paper's protocol); any other fraction
+    (``1/64``, ``0.03``), or ``all`` for the built-in and folder datasets, is drawn by
+    ``partition_seed`` (class-covering). ``labeled: N`` asks for a count instead and
+    ``labeled_list`` names the labeled images; ``unlabeled`` adds unlabeled images (folders, or lists
+    of image paths under root). A folder dataset names its val and test images (id lists) or the
+    shares of its labeled images carved for them (seeded by ``split_seed``, so they stay put when
+    ``partition_seed`` moves). VOC and Cityscapes report on their official val set; ``selection``
+    holds out that many (or that share of the) unlabeled training images, whose labels the dataset
+    has, as the val set that search, ASHA and checkpoints use, and the official val set becomes the
+    test set that only the final evaluation reads.
     """
 
     dataset: Literal["builtin", "voc", "cityscapes", "folder"] = "builtin"
@@ -63,7 +67,8 @@ class DataConfig(Strict):
     labeled_list: Path | None = None
     val: Path | Share | None = None  # folder: default 0.2 of the labeled images
     test: Path | Share | None = None  # folder: default none
-    unlabeled: tuple[Path, ...] = ()  # folder: folders of images, or lists of image paths relative to root
+    unlabeled: tuple[Path, ...] = ()  # folders of images, or lists of image paths relative to root
+    selection: PositiveInt | Share | None = None  # voc / cityscapes: unlabeled training images held out as val
     split_seed: int = 0
     protocol: Literal["classic", "pseudoseg"] = "classic"
     partition_seed: int = 0
@@ -100,18 +105,32 @@ class DataConfig(Strict):
             errors.append("labeled: give a count or a labeled_list, not both")
         if (self.labeled is not None or self.labeled_list is not None) and "partition" in self.model_fields_set:
             errors.append("partition: give a partition or a labeled count/list, not both")
-        folder_only = ("labeled_list", "val", "test", "unlabeled")
-        given = [f for f in folder_only if f in self.model_fields_set and getattr(self, f) not in (None, ())]
+
+        def given(*names: str) -> list[str]:
+            return [f for f in names if f in self.model_fields_set and getattr(self, f) not in (None, ())]
+
         if self.dataset in ("voc", "cityscapes"):
-            if self.partition not in FRACTIONS:
-                shipped = ", ".join(FRACTIONS)
+            if self.partition == "all":
                 errors.append(
-                    f"partition: {self.dataset} uses its shipped lists, one of {shipped} (got {self.partition!r})"
+                    f"partition: {self.dataset} keeps a share of its labels: 1/16..1/2 (shipped) or any fraction"
                 )
-            unsupported = (["labeled"] if self.labeled is not None else []) + given
-            errors += [f"{f}: applies to builtin and folder datasets, not {self.dataset}" for f in unsupported]
-        elif self.dataset == "builtin":
-            errors += [f"{f}: applies to folder datasets; the built-in dataset generates its own splits" for f in given]
+            errors += [
+                f"{f}: {self.dataset} evaluates on its official val set; to search on other images than it reports "
+                "on, hold out a selection set from the training images (selection: N or a share)"
+                for f in given("val", "test")
+            ]
+        else:
+            errors += [
+                f"selection: applies to voc and cityscapes; {self.dataset} has val and test" for f in given("selection")
+            ]
+            if self.dataset == "builtin":
+                errors += [
+                    f"{f}: applies to folder, voc and cityscapes datasets; the built-in dataset generates its own splits"
+                    for f in given("labeled_list", "unlabeled")
+                ] + [
+                    f"{f}: applies to folder datasets; the built-in dataset generates its own splits"
+                    for f in given("val", "test")
+                ]
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from mgd_ray.models.deeplab import DeepLabV3Plus
+from mgd_ray.models.deeplab import DeepLabV3Plus, LogitsOnly
 from mgd_ray.predict import Segmenter, load_checkpoint
-from mgd_ray.tracking import LogitsOnly
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 18

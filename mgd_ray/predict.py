@@ -33,7 +33,7 @@ from mgd_ray.plots import overlay
 from mgd_ray.tracking import CHECKPOINT_ARTIFACT, client_for
 
 # Where a run keeps its self-describing checkpoint: a training run, or a study's parent run, which
-# holds the registered best student's checkpoint (the registered MLflow model is a pickled module).
+# holds the registered best student's checkpoint (the registered model holds it too: serving.py).
 RUN_ARTIFACTS = (CHECKPOINT_ARTIFACT, f"best_student_checkpoint/{MODEL_FILE}", f"model/{MODEL_FILE}")
 Window = int | Literal["auto"] | None
 
@@ -88,8 +88,8 @@ def resolve_model(ref: str | Path, tracking_uri: str | None = None, dest: Path |
     """A local checkpoint file for ``ref``: a file, a folder holding ``model.pt``, an MLflow run id, or a
     ``models:/name/version`` (``models:/name@alias``) or ``runs:/id/path`` URI, downloaded into ``dest``.
 
-    A registered model that is not itself a checkpoint (an MLflow PyTorch model) resolves to the
-    checkpoint logged by the run it came from.
+    A registered model is searched for a ``model.pt`` (the served model keeps its checkpoint among its
+    artifacts); one without resolves to the checkpoint logged by the run it came from.
     """
     text = str(ref)
     path = Path(text)

@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from torch import nn
 
 KEY_TAG = "mgd_ray.key"
 STUDY_TAG = "mgd_ray.study"
@@ -137,63 +135,6 @@ def download_checkpoint(uri: str, run_id: str, dest: Path) -> Path:
         run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(dest), tracking_uri=uri
     )
     return Path(local)
-
-
-class LogitsOnly(nn.Module):
-    """Serving wrapper: image batch (N,3,H,W) → logits (N,C,H,W), the one tensor MLflow's signature describes."""
-
-    def __init__(self, segmenter: nn.Module) -> None:
-        super().__init__()
-        self.segmenter = segmenter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.segmenter(x).logits
-
-
-def served_requirements() -> list[str]:
-    """What loading the served model needs, pinned to this environment's versions.
-
-    Given explicitly, MLflow skips inferring them (it loads the model in a fresh Python process to
-    see what gets imported). The inferred list held mgd-ray, torch, numpy and cloudpickle (plus
-    pandas and colorama, which loading does not need); torchvision is added since mgd_ray's
-    backbones import it.
-    """
-    from importlib.metadata import version
-
-    return [f"{dist}=={version(dist)}" for dist in ("mgd-ray", "torch", "torchvision", "numpy", "cloudpickle")]
-
-
-def log_served_model(uri: str, run_id: str, model: nn.Module, size: int, registered_name: str | None, card: str) -> str:
-    """Log ``model`` as an MLflow PyTorch model with a signature; register it with a model card.
-
-    Returns the model URI (``models:/name/version`` when registered, else ``runs:/…``).
-    """
-    from mlflow.models import infer_signature
-
-    served = LogitsOnly(model).eval()
-    example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
-        out = served(example)
-    signature = infer_signature(example.numpy(), out.numpy())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        # "pickle" keeps dynamic batch and image sizes (MLflow's default "pt2" would fix the example's
-        # shape); loading needs mgd_ray installed. The ONNX/TorchScript exports have no such need.
-        info = mlflow.pytorch.log_model(
-            served,
-            name="best_student",
-            signature=signature,
-            input_example=example.numpy(),
-            serialization_format="pickle",
-            pip_requirements=served_requirements(),
-        )
-    if registered_name is None:
-        return info.model_uri
-    client = client_for(uri)
-    version = mlflow.register_model(info.model_uri, registered_name)
-    client.update_model_version(registered_name, version.version, description=card)
-    return f"models:/{registered_name}/{version.version}"
 
 
 def log_files(client: MlflowClient, run_id: str, files: Iterable[Path], artifact_path: str | None = None) -> None:

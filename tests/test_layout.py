@@ -15,7 +15,7 @@ LAYERS = [
     ("losses", "metrics", "checkpoint"),
     ("teachers", "teacher_cache"),
     ("jobs",),
-    ("train", "tracking", "plots", "final_eval", "predict", "export"),
+    ("train", "tracking", "plots", "final_eval", "predict", "export", "serving"),
     ("study",),
     ("cli", "__main__"),
 ]

@@ -10,28 +10,12 @@ seeded share or count of them, the rest joining the unlabeled ones without their
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mgd_ray.config import DataConfig
-from mgd_ray.data.datasets import DatasetError, Sample, folder_samples, image_files, inside_root, read_id_list
-from mgd_ray.data.partitions import build_manifest, generate_partition, labeled_count, parse_fraction, write_manifest
-
-DEFAULT_VAL = 0.2
-
-
-@dataclass
-class FolderRoles:
-    """The samples of each role; ``unlabeled`` ones carry no mask, whatever is on disk."""
-
-    labeled: list[Sample]
-    unlabeled: list[Sample]
-    val: list[Sample]
-    test: list[Sample]
+from mgd_ray.data.datasets import DatasetError, Sample, folder_samples, read_id_list
+from mgd_ray.data.partitions import generate_partition, parse_fraction
+from mgd_ray.data.roles import DEFAULT_VAL, Roles, carve, extra_unlabeled, write_roles_manifest
 
 
 def _listed(samples: dict[str, Sample], list_file: Path, role: str, problems: list[str]) -> list[Sample]:
@@ -50,42 +34,7 @@ def _listed(samples: dict[str, Sample], list_file: Path, role: str, problems: li
     return chosen
 
 
-def _carve(pool: list[Sample], share: float, seed: int) -> list[Sample]:
-    """A seeded share of ``pool`` (at least one), in the pool's order."""
-    picked = set(np.random.default_rng(seed).permutation(len(pool))[: labeled_count(share, len(pool))].tolist())
-    return [s for i, s in enumerate(pool) if i in picked]
-
-
-def _extra_unlabeled(root: Path, sources: tuple[Path, ...], known: set[str], problems: list[str]) -> list[Sample]:
-    """Images of extra folders (ids ``<folder>/<stem>``) or of lists of image paths relative to ``root``."""
-    real_root = root.resolve()
-    out = []
-    for source in sources:
-        if source.is_dir():
-            paths = image_files(source)
-            if not paths:
-                problems.append(f"{source}: no images (.jpg/.jpeg/.png) in this unlabeled folder")
-            named = [(f"{source.name}/{p.stem}", p, str(source)) for p in paths]
-        elif source.is_file():
-            lines = read_id_list(source)
-            named = [(line, root / line, f"{source} line {i}") for i, line in enumerate(lines, start=1)]
-        else:
-            problems.append(f"{source}: no such unlabeled folder or list of image paths; fix data.unlabeled")
-            continue
-        for sample_id, path, where in named:
-            if sample_id in known:
-                problems.append(
-                    f"{where}: unlabeled image {sample_id!r} is already an image of the dataset; list it once"
-                )
-            elif not path.is_file():
-                problems.append(f"{where}: image {path} does not exist; fix the list")
-            else:
-                known.add(sample_id)
-                out.append(Sample(sample_id, inside_root(real_root, path, where), None))
-    return out
-
-
-def folder_roles(cfg: DataConfig) -> tuple[FolderRoles, list[str]]:
+def folder_roles(cfg: DataConfig) -> tuple[Roles, list[str]]:
     """Each image's role by ``cfg`` (see the module docstring), and the class names.
 
     Every problem with the lists and folders is collected and raised as one ``DatasetError``.
@@ -101,22 +50,22 @@ def folder_roles(cfg: DataConfig) -> tuple[FolderRoles, list[str]]:
     held = {s.id for s in val + test}
     pool = [s for s in samples if s.label is not None and s.id not in held]
     if not isinstance(cfg.val, Path):
-        val = _carve(pool, cfg.val or DEFAULT_VAL, cfg.split_seed)
+        val = carve(pool, cfg.val or DEFAULT_VAL, cfg.split_seed)
     if isinstance(cfg.test, float):
         taken = {s.id for s in val}
-        test = _carve([s for s in pool if s.id not in taken], cfg.test, cfg.split_seed + 1)
+        test = carve([s for s in pool if s.id not in taken], cfg.test, cfg.split_seed + 1)
     held = {s.id for s in val + test}
     pool = [s for s in pool if s.id not in held]
     labeled = _training_labels(cfg, pool, by_id, held, len(class_names), problems)
     chosen = {s.id for s in labeled}
     unlabeled = [Sample(s.id, s.image, None) for s in pool if s.id not in chosen]  # their masks stay hidden
     unlabeled += [s for s in samples if s.label is None]
-    unlabeled += _extra_unlabeled(root, cfg.unlabeled, set(by_id), problems)
+    unlabeled += extra_unlabeled(root, cfg.unlabeled, set(by_id), problems)
     if not labeled and not problems:
         problems.append(f"{root / 'labels'}: no labeled image is left for training; add masks or hold out fewer images")
     if problems:
         raise DatasetError(f"{root}: {len(problems)} problem(s) with the folder dataset:\n  " + "\n  ".join(problems))
-    return FolderRoles(labeled, unlabeled, val, test), class_names
+    return Roles(labeled, unlabeled, val, test), class_names
 
 
 def _training_labels(
@@ -141,49 +90,9 @@ def _training_labels(
     return [s for s in pool if s.id in ids]
 
 
-def _settings(cfg: DataConfig) -> dict:
-    """What decides the roles, for the manifest's name and metadata (list files by their contents)."""
-
-    def describe(value: Path | float | None) -> str | float | None:
-        if isinstance(value, Path):
-            return (
-                f"{value} sha256:{hashlib.sha256(value.read_bytes()).hexdigest()[:12]}"
-                if value.is_file()
-                else str(value)
-            )
-        return value
-
-    return {
-        "partition": cfg.partition,
-        "labeled": cfg.labeled,
-        "labeled_list": describe(cfg.labeled_list),
-        "val": describe(cfg.val) if cfg.val is not None else DEFAULT_VAL,
-        "test": describe(cfg.test),
-        "unlabeled": [describe(Path(p)) for p in cfg.unlabeled],
-        "split_seed": cfg.split_seed,
-        "partition_seed": cfg.partition_seed,
-    }
-
-
 def prepare_folder(cfg: DataConfig) -> Path:
     """The folder dataset's manifest under its root, one file per setting of its roles."""
-    root = Path(cfg.root).absolute()
-    cfg = cfg.model_copy(update={"root": root})
+    cfg = cfg.model_copy(update={"root": Path(cfg.root).absolute()})
     roles, class_names = folder_roles(cfg)
-    settings = _settings(cfg)
-    meta = {
-        "dataset": "folder",
-        "root": str(root),
-        "num_classes": len(class_names),
-        "class_names": class_names,
-        "partition": "generated" if cfg.partition != "all" or cfg.labeled is not None else "all",
-        "fraction": len(roles.labeled) / max(1, len(roles.labeled) + len(roles.unlabeled)),
-        "seed": cfg.partition_seed,
-        "roles": settings,
-    }
-    train = roles.labeled + roles.unlabeled
-    table = build_manifest(
-        train, roles.val, [s.id for s in roles.labeled], [s.id for s in roles.unlabeled], meta, roles.test
-    )
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return write_manifest(table, root / f"manifest_folder_{digest}.parquet")
+    partition = "generated" if cfg.partition != "all" or cfg.labeled is not None else "all"
+    return write_roles_manifest(cfg, roles, class_names, {"partition": partition})

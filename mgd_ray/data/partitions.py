@@ -90,7 +90,7 @@ def _list_ids(dataset: DatasetName, path: Path) -> list[str]:
     return [Path(image).stem for _, image, _ in read_pair_list(path)]
 
 
-def _protocol_key(dataset: str, protocol: str) -> tuple[str, str]:
+def protocol_key(dataset: str, protocol: str) -> tuple[str, str]:
     key = (dataset, protocol)
     if key not in TRAIN_LISTS:
         raise DatasetError(
@@ -106,7 +106,7 @@ def standard_split(dataset: DatasetName, protocol: Protocol, fraction: str | flo
     An id in both lists is labeled: the PseudoSeg lists repeat their last labeled id in the
     unlabeled list, which would otherwise give 1,465 images for VOC's 1,464.
     """
-    key = _protocol_key(dataset, protocol)
+    key = protocol_key(dataset, protocol)
     name, _ = parse_fraction(fraction)
     if name not in STANDARD_FRACTIONS:
         raise DatasetError(
@@ -358,7 +358,7 @@ def _standard_meta(dataset: str, root: Path, classes: Sequence[str], protocol: s
 
 def voc_manifest(root: Path, protocol: Protocol, fraction: str | float) -> pa.Table:
     """Manifest of a shipped VOC partition: train_aug (classic) or train (pseudoseg) + val."""
-    key = _protocol_key("voc", protocol)
+    key = protocol_key("voc", protocol)
     labeled, unlabeled = standard_split("voc", protocol, fraction)
     train_list, val_list = split_list_path("voc", TRAIN_LISTS[key]), split_list_path("voc", "val.txt")
     train = voc_samples(root, read_id_list(train_list), str(train_list))

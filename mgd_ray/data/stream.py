@@ -9,7 +9,7 @@ draws the same batches (which is what lets the teacher-signal cache serve them).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
 from mgd_ray.config import DataConfig, ScheduleConfig
+from mgd_ray.data.benchmark import is_shipped, prepare_benchmark
 from mgd_ray.data.datasets import IGNORE_INDEX, SegmentationDataset
 from mgd_ray.data.folder import prepare_folder
 from mgd_ray.data.partitions import (
@@ -74,6 +75,8 @@ def prepare_manifest(cfg: DataConfig) -> Path:
         )
     if cfg.dataset == "folder":
         return prepare_folder(cfg)
+    if not is_shipped(cfg):
+        return prepare_benchmark(cfg)
     if cfg.dataset == "voc":
         table = voc_manifest(root, cfg.protocol, cfg.partition)
     else:
@@ -204,6 +207,7 @@ class Batch:
     u0: torch.Tensor | None = None
     u1: torch.Tensor | None = None
     m: torch.Tensor | None = None
+    ids: dict[str, list[str]] = field(default_factory=dict)  # the image ids drawn: labeled, unlabeled (u0 + u1)
 
     @property
     def x_mix(self) -> torch.Tensor:
@@ -229,9 +233,12 @@ def batches(
     while True:
         b = next(lab)
         batch = Batch(b["image"].to(env.device, non_blocking=True), b["label"].to(env.device, non_blocking=True))
+        batch.ids["labeled"] = list(b["id"])
         if u0s is not None and u1s is not None:
-            batch.u0 = next(u0s)["image"].to(env.device, non_blocking=True)
-            batch.u1 = next(u1s)["image"].to(env.device, non_blocking=True)
+            u0, u1 = next(u0s), next(u1s)
+            batch.u0 = u0["image"].to(env.device, non_blocking=True)
+            batch.u1 = u1["image"].to(env.device, non_blocking=True)
+            batch.ids["unlabeled"] = list(u0["id"]) + list(u1["id"])
             n, _, h, w = batch.u0.shape
             # Masks are drawn for the global batch and sliced, so N workers see the masks one worker would.
             gen = torch.Generator().manual_seed(derive_seed(seed, 3, step))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mgd_ray.checkpoint import MODEL_FILE, save_state, segmenter_record
@@ -95,6 +97,30 @@ class TermMeans:
         return means
 
 
+class DrawnImages:
+    """How many times each image was drawn to train, per stream: the record of the exact images a run
+    trained on (``model.pt``'s ``drawn``), over all ranks and across a resume."""
+
+    def __init__(self, restored: dict[str, dict[str, int]] | None = None) -> None:
+        self.counts: dict[str, Counter[str]] = {k: Counter(v) for k, v in (restored or {}).items()}
+
+    def add(self, batch: Batch) -> None:
+        for stream_name, ids in batch.ids.items():
+            self.counts.setdefault(stream_name, Counter()).update(ids)
+
+    def gathered(self, env: DistEnv) -> dict[str, dict[str, int]]:
+        """Every rank's counts summed (a collective: every rank calls it), ids sorted."""
+        parts: list[Any] = [{k: dict(v) for k, v in self.counts.items()}]
+        if env.world_size > 1:
+            parts = [None] * env.world_size
+            dist.all_gather_object(parts, {k: dict(v) for k, v in self.counts.items()})
+        total: dict[str, Counter[str]] = {}
+        for part in parts:
+            for k, v in part.items():
+                total.setdefault(k, Counter()).update(v)
+        return {k: dict(sorted(v.items())) for k, v in sorted(total.items())}
+
+
 @dataclass
 class FitSpec:
     """What a job hands to ``fit``: the module to optimise and how to train, evaluate and export it.
@@ -141,13 +167,17 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
     model, schedule, env = spec.module, ctx.schedule, ctx.env
     opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], ctx.optim, schedule.iterations, env)
     start, history = _restore(spec, opt, sched, resume)
+    # The saved counts are all ranks' already: one rank carries them on, the others count afresh.
+    drawn = DrawnImages(resume.get("drawn") if resume is not None and env.is_main else None)
     model.train()
     progress = Progress(spec.name, schedule.iterations, start, env)
     stream = batches(ctx.data, schedule, ctx.data_cfg.loader_workers, env, start, spec.unlabeled)
     means = TermMeans()
     metrics: dict[str, float] = {}
     for step in range(start + 1, schedule.iterations + 1):
-        terms = spec.step(next(stream), step)
+        batch = next(stream)
+        drawn.add(batch)
+        terms = spec.step(batch, step)
         loss = torch.stack(list(terms.values())).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,10 +197,11 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
         evaluated = spec.evaluated()
         confusion = _evaluate_all(evaluated, ctx, metrics)
         history.append(metrics)
+        counts = drawn.gathered(env)
         ckpt_dir = None
         if env.is_main:
-            ckpt_dir = _save_checkpoint(spec, ctx, opt, sched, step, history)
-            _save_model(spec, ctx, ckpt_dir, metrics, evaluated, confusion)
+            ckpt_dir = _save_checkpoint(spec, ctx, opt, sched, step, history, counts)
+            _save_model(spec, ctx, ckpt_dir, metrics, evaluated, confusion, counts)
         ctx.report(metrics, ckpt_dir)
     return metrics
 
@@ -214,6 +245,7 @@ def _save_checkpoint(
     sched: torch.optim.lr_scheduler.LambdaLR,
     step: int,
     history: list[dict[str, float]],
+    drawn: dict[str, dict[str, int]],
 ) -> Path:
     """The resume state at ``step`` (only the history at the last step: nothing is left to resume)."""
     ckpt_dir = ctx.checkpoint_root / f"step_{step:08d}"
@@ -231,6 +263,7 @@ def _save_checkpoint(
         "rng": rng_state(),
         "extra": spec.extra_state() if spec.extra_state is not None else {},
         "history": history,
+        "drawn": drawn,
     }
     save_state(ckpt_dir, state)
     return ckpt_dir
@@ -243,10 +276,12 @@ def _save_model(
     metrics: dict[str, float],
     evaluated: dict[str, nn.Module],
     confusion: dict[str, ConfusionMatrix],
+    drawn: dict[str, dict[str, int]],
 ) -> None:
-    """The exported network's ``model.pt``, with its val metrics and confusion matrix (all ranks' pixels)."""
+    """The exported network's ``model.pt``, with its val metrics and confusion matrix (all ranks' pixels)
+    and the images drawn to train it."""
     chosen, model_cfg, role = spec.export(metrics)
     record = segmenter_record(chosen, model_cfg, ctx.data, ctx.data_cfg.crop_size, role)
     label = next(k for k, net in evaluated.items() if unwrap(net) is unwrap(chosen))
-    record |= {"metrics": metrics, "confusion": confusion[label].matrix.cpu().tolist()}
+    record |= {"metrics": metrics, "confusion": confusion[label].matrix.cpu().tolist(), "drawn": drawn}
     torch.save(record, ckpt_dir / MODEL_FILE)

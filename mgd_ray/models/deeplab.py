@@ -120,6 +120,17 @@ class DeepLabV3Plus(nn.Module):
         return SegmenterOutput(logits, features)
 
 
+class LogitsOnly(nn.Module):
+    """Export wrapper: image batch (N,3,H,W) → logits (N,C,H,W), the one tensor an ONNX/TorchScript graph returns."""
+
+    def __init__(self, segmenter: nn.Module) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.segmenter(x).logits
+
+
 def build_segmenter(
     model: ModelConfig | str,
     num_classes: int,

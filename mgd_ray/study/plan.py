@@ -26,7 +26,7 @@ from mgd_ray.study.config import Resources, StudyConfig
 # A trial's own process only drives its Train job; its workers hold the CPUs/GPUs. Tune refuses an
 # empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
 DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
-ROLE_FIELDS = ("labeled", "labeled_list", "val", "test", "unlabeled", "split_seed")
+ROLE_FIELDS = ("labeled", "labeled_list", "val", "test", "unlabeled", "selection", "split_seed")
 
 
 @dataclass

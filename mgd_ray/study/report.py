@@ -26,6 +26,7 @@ from mgd_ray.export import export_onnx
 from mgd_ray.final_eval import example_predictions, load_examples, load_model
 from mgd_ray.models.complexity import latency_ms, segmenter_cost
 from mgd_ray.plots import overlay_grid, plot_miou_vs_cost
+from mgd_ray.serving import log_served_model
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.results import METRIC, StudyResults, final_miou, finalize_stopped, study_results
 from mgd_ray.study.search import optuna_study_from
@@ -51,7 +52,7 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     data = load_job_data(study.data)
     size = study.data.crop_size
     student_params, student_gflops = segmenter_cost(study.student, data.num_classes, size)
-    lines = _header_section(plan)
+    lines = _header_section(plan, data)
     teacher_lines, teachers = _teachers_section(plan, state, data.num_classes)
     lines += teacher_lines
     lines += _student_section(plan, state, results, student_params, student_gflops)
@@ -76,7 +77,7 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     return report
 
 
-def _header_section(plan: Plan) -> list[str]:
+def _header_section(plan: Plan, data: JobData) -> list[str]:
     study = plan.study
     return [
         f"# Study `{study.name}`",
@@ -85,7 +86,35 @@ def _header_section(plan: Plan) -> list[str]:
         "",
         f"MLflow: `{plan.tracking_uri}`, experiment `{study.experiment}`, parent run `{plan.parent_run_id}`.",
         "",
+        _splits_line(plan, data),
+        "",
     ]
+
+
+def _splits_line(plan: Plan, data: JobData) -> str:
+    """What each split is, with its image count: every figure below names the split it was measured on."""
+    cfg = plan.study.data
+    val, test = len(data.val), len(data.test) if data.test is not None else 0
+    if cfg.dataset in ("voc", "cityscapes"):
+        if cfg.selection is not None:
+            val_text = f"{val} unlabeled training images held out as a selection set (`split_seed` {cfg.split_seed})"
+            test_text = f"the official val set ({test} images)"
+        else:
+            val_text, test_text = f"the official val set ({val} images)", "none: the paper's protocol reports on val"
+    elif cfg.dataset == "folder":
+        carved = f"carved from the labeled images (`split_seed` {cfg.split_seed})"
+        val_text = f"{val} images " + (f"listed in `{cfg.val}`" if isinstance(cfg.val, Path) else carved)
+        if cfg.test is None:
+            test_text = "none"
+        else:
+            test_text = f"{test} images " + (f"listed in `{cfg.test}`" if isinstance(cfg.test, Path) else carved)
+    else:
+        val_text = f"{val} generated images"
+        test_text = f"{test} generated images" if test else "none"
+    return (
+        f"Data: {cfg.dataset}, {len(data.labeled)} labeled and {len(data.unlabeled)} unlabeled training images; "
+        f"val (the search and ASHA): {val_text}; test (the final evaluation only): {test_text}."
+    )
 
 
 def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tuple[list[str], list[dict[str, Any]]]:
@@ -215,7 +244,8 @@ def _best_student_section(
     else:
         onnx = f"export it with `mgd-ray export {uri} --format onnx --out best_student.onnx --tracking-uri {plan.tracking_uri}`"
     lines = ["## Predictions on fixed val images", "", f"![{page.stem}]({page.name})", ""]
-    return lines + [f"Best student registered as `{uri}` (load with `mlflow.pytorch.load_model`); {onnx}.", ""], page
+    serve = f"serve it with `mlflow models serve -m {uri} --env-manager local --host 127.0.0.1` (images in, masks out)"
+    return lines + [f"Best student registered as `{uri}`: {serve}; {onnx}.", ""], page
 
 
 def _verdict(
@@ -322,22 +352,23 @@ def _log_best(plan: Plan, best: dict[str, Any], params_m: float, gflops: float, 
     client = tracking.client_for(plan.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(plan.tracking_uri, best["run_id"], Path(tmp))
-        model = load_model(ckpt, num_classes, "best student")
+        load_model(ckpt, num_classes, "best student")  # the checkpoint rebuilds, with the study's classes
         tracking.log_files(client, plan.parent_run_id, [ckpt], "best_student_checkpoint")
         if plan.study.report.onnx:
             onnx_file = export_onnx(ckpt, Path(tmp) / "best_student.onnx")
             tracking.log_files(client, plan.parent_run_id, [onnx_file], "best_student_onnx")
-    study = plan.study
-    teachers = ", ".join(f"{name}={spec.model.backbone}" for name, spec in study.teachers.items())
-    card = (
-        f"MGD student {study.student.backbone} distilled from {teachers}\n"
-        f"dataset {study.data.dataset}, partition {study.data.partition} ({study.data.protocol}); val mIoU {100 * best['miou']:.2f}\n"
-        f"params {params_m:.2f} M, {gflops:.2f} GFLOPs at {study.data.crop_size}^2; study {study.name}, "
-        f"trial run {best['run_id']}, config {json.dumps(best['params'], sort_keys=True)}"
-    )
-    return tracking.log_served_model(
-        plan.tracking_uri, plan.parent_run_id, model, study.data.crop_size, f"{study.name}-student", card
-    )
+        study = plan.study
+        teachers = ", ".join(f"{name}={spec.model.backbone}" for name, spec in study.teachers.items())
+        card = (
+            f"MGD student {study.student.backbone} distilled from {teachers}\n"
+            f"dataset {study.data.dataset}, partition {study.data.partition} ({study.data.protocol}); val mIoU {100 * best['miou']:.2f}\n"
+            f"params {params_m:.2f} M, {gflops:.2f} GFLOPs at {study.data.crop_size}^2; study {study.name}, "
+            f"trial run {best['run_id']}, config {json.dumps(best['params'], sort_keys=True)}\n"
+            "serves images: column 'image' (JPEG/PNG bytes) in, column 'mask' (class-id PNG) out"
+        )
+        return log_served_model(
+            plan.tracking_uri, plan.parent_run_id, ckpt, study.data.crop_size, f"{study.name}-student", card
+        )
 
 
 def _pct(v: float | None) -> str:

@@ -7,6 +7,7 @@ Tune from MLflow instead of being trained again.
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 import os
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mgd_ray import tracking
+from mgd_ray.checkpoint import read_segmenter
 from mgd_ray.config import DistillJobConfig
 from mgd_ray.data.datasets import voc_palette
 from mgd_ray.data.stream import load_job_data
@@ -135,9 +137,11 @@ def _report_finished(client: MlflowClient, run: Any, job: TrialJob) -> None:
 
 
 def log_model_artifacts(plan: Plan, client: MlflowClient, run_id: str, model_path: Path, job: TrialJob) -> None:
-    """Confusion-matrix plot and prediction overlays (image | truth | this model | teachers)."""
+    """Confusion-matrix plot, prediction overlays (image | truth | this model | teachers), and
+    ``data/images_drawn.csv``: every image the job trained on, with how often each stream drew it."""
     data = load_job_data(job.cfg.data)
     final = recorded_evaluation(model_path)
+    drawn = read_segmenter(model_path)[0].drawn
     images, truths, preds = example_predictions({"model": model_path}, data)
     if not job.teacher and plan.teacher_examples is not None:
         preds |= load_examples(plan.teacher_examples)[2]
@@ -147,4 +151,13 @@ def log_model_artifacts(plan: Plan, client: MlflowClient, run_id: str, model_pat
         ov_png = Path(tmp) / "predictions.png"
         overlay_grid({"ground truth": truths} | preds, images, voc_palette(256), ov_png)
         tracking.log_files(client, run_id, [cm_png, ov_png], "plots")
+        if drawn:
+            table = Path(tmp) / "images_drawn.csv"
+            streams = sorted(drawn)
+            ids = sorted({i for counts in drawn.values() for i in counts})
+            with table.open("w", newline="") as out:
+                writer = csv.writer(out)
+                writer.writerow(["id", *streams])
+                writer.writerows([i, *(drawn[s].get(i, 0) for s in streams)] for i in ids)
+            tracking.log_files(client, run_id, [table], "data")
     tracking.log_metrics(client, run_id, {"final/val_mIoU": final.miou}, step=int(job.cfg.schedule.iterations))

@@ -1,9 +1,12 @@
 """A user's folder of partly labeled images: roles, carved and listed splits, counts, extra unlabeled images."""
 
+from collections import Counter
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from mgd_ray.checkpoint import read_segmenter
 from mgd_ray.cli import main
 from mgd_ray.config import DataConfig
 from mgd_ray.data.datasets import DatasetError
@@ -108,8 +111,7 @@ def test_the_options_are_checked_where_they_apply():
     assert DataConfig(dataset="folder").partition == "all" and DataConfig().partition == "1/16"
     assert DataConfig(partition="1-64").partition == "1/64" and DataConfig(partition="0.03").partition == "0.03"
     for bad, message in (
-        ({"dataset": "voc", "partition": "1/64"}, "voc uses its shipped lists"),
-        ({"dataset": "cityscapes", "labeled": 92}, "labeled: applies to builtin and folder datasets, not cityscapes"),
+        ({"dataset": "voc", "val": "v.txt"}, "val: voc evaluates on its official val set"),
         ({"val": 0.1}, "val: applies to folder datasets"),
         ({"dataset": "folder", "labeled": 3, "labeled_list": "a.txt"}, "give a count or a labeled_list, not both"),
         ({"partition": "3/2"}, "must be a fraction in"),
@@ -172,3 +174,8 @@ def test_a_job_trains_on_labeled_and_unlabeled_images_and_never_on_val_or_test(t
     assert {"img03", "img04"} & trained  # images without masks really train, as unlabeled ones
     assert {i for subset, i in loaded if subset == "val"} == {"img10", "img11"}  # evaluated, never trained on
     assert not {"img10", "img11", "img12"} & trained and "img12" not in {i for _, i in loaded}
+    # The model's record of the images drawn to train it is what the datasets really served.
+    record, _ = read_segmenter(sorted((tmp_path / "ckpt").glob("step_*/model.pt"))[-1])
+    served = {s: Counter(i for subset, i in loaded if subset == s) for s in ("labeled", "unlabeled")}
+    assert record.drawn == {s: dict(c) for s, c in served.items()}
+    assert sum(record.drawn["labeled"].values()) == 6 * 2 and sum(record.drawn["unlabeled"].values()) == 6 * 2 * 2

@@ -1,5 +1,6 @@
 """Report helpers that need only an MLflow store (no Ray)."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 from mlflow.entities import Metric
@@ -63,3 +64,31 @@ def test_the_figure_of_a_run_is_its_last_evaluation():
     assert final_miou([(40, 0.31), (80, 0.42), (120, 0.38)]) == 0.38
     assert final_miou([(40, 0.31), (80, float("nan"))]) == 0.31  # an undefined last value is skipped
     assert final_miou([]) is None
+
+
+def test_the_report_says_what_each_split_is():
+    from mgd_ray.config import DataConfig
+    from mgd_ray.study.report import _splits_line
+
+    def line(cfg: DataConfig, val: int, test: int | None) -> str:
+        data = SimpleNamespace(
+            labeled=[0] * 3, unlabeled=[0] * 7, val=[0] * val, test=None if test is None else [0] * test
+        )
+        return _splits_line(SimpleNamespace(study=SimpleNamespace(data=cfg)), data)
+
+    assert line(DataConfig(dataset="voc", partition="1/8"), 1449, None) == (
+        "Data: voc, 3 labeled and 7 unlabeled training images; val (the search and ASHA): the official val set "
+        "(1449 images); test (the final evaluation only): none: the paper's protocol reports on val."
+    )
+    selected = line(DataConfig(dataset="voc", partition="1/8", selection=100, split_seed=4), 100, 1449)
+    assert (
+        "val (the search and ASHA): 100 unlabeled training images held out as a selection set (`split_seed` 4)"
+        in selected
+    )
+    assert "test (the final evaluation only): the official val set (1449 images)." in selected
+    folder = line(DataConfig(dataset="folder", val=Path("v.txt"), test=0.1), 5, 2)
+    assert "val (the search and ASHA): 5 images listed in `v.txt`" in folder
+    assert "test (the final evaluation only): 2 images carved from the labeled images (`split_seed` 0)." in folder
+    assert line(DataConfig(), 64, None).endswith(
+        "val (the search and ASHA): 64 generated images; test (the final evaluation only): none."
+    )

@@ -8,6 +8,7 @@ stopped mid-search and resumed without re-running finished trials or duplicating
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -28,10 +30,35 @@ from mgd_ray.predict import resolve_model
 pytestmark = pytest.mark.slow  # a real Ray head, an MLflow server and whole studies
 
 BIN = Path(sys.executable).parent
-# Same tiny shapes as tests/conftest.py (a conftest is not importable by name: tests/data has one too).
-# A test split too: only the study's final evaluation may read it.
-TINY_DATA = {"builtin": {"num_train": 16, "num_val": 4, "num_test": 4, "size": 32}, "crop_size": 32, "scales": [1.0]}
 TINY_SCHEDULE = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
+
+
+# A user's folder: 24 images of 32 px, 8 with masks (a third), 2 of those listed for val and 2 for test.
+FOLDER_IMAGES, MASKED, VAL_IDS, TEST_IDS = 24, 8, ["img01", "img04"], ["img02", "img06"]
+
+
+def make_folder(root: Path) -> Path:
+    """images/imgNN.png with a red (class 1) and a green (class 2) box; labels/ for img00..img07."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    (root / "labels").mkdir(parents=True)
+    (root / "images").mkdir()
+    for i in range(FOLDER_IMAGES):
+        image = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        for cls, channel in ((1, 0), (2, 1)):
+            top, left = rng.integers(0, 20, 2)
+            image[top : top + 12, left : left + 12, channel] = 220
+            mask[top : top + 12, left : left + 12] = cls
+        Image.fromarray(image).save(root / "images" / f"img{i:02d}.png")
+        if i < MASKED:
+            Image.fromarray(mask).save(root / "labels" / f"img{i:02d}.png")
+    (root / "classes.txt").write_text("background\nred\ngreen\n")
+    (root / "val.txt").write_text("".join(f"{i}\n" for i in VAL_IDS))
+    (root / "test.txt").write_text("".join(f"{i}\n" for i in TEST_IDS))
+    return root
 
 
 def free_port() -> int:
@@ -127,7 +154,14 @@ def _alive(client: MlflowClient) -> bool:
 def study_file(root: Path, name: str, uri: str, folder: str = ".", **extra) -> Path:
     raw = {
         "name": name,
-        "data": {**TINY_DATA, "root": str(root / "data"), "partition": "1/4"},
+        "data": {
+            "dataset": "folder",
+            "root": str(root / "mine"),
+            "val": str(root / "mine" / "val.txt"),
+            "test": str(root / "mine" / "test.txt"),
+            "crop_size": 32,
+            "scales": [1.0],
+        },
         "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": TINY_SCHEDULE}}},
         "student": {"backbone": "mobilenet_v2"},
         "schedule": TINY_SCHEDULE,
@@ -181,6 +215,7 @@ def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> su
 @pytest.fixture(scope="module")
 def study_a(env):
     """Study A, run by the CLI as a driver connected to the Ray head, logging over HTTP."""
+    make_folder(env["root"] / "mine")
     path = study_file(env["root"], "study-a", env["uri"], baselines=[{"method": "supervised"}])
     proc = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
         [str(BIN / "mgd-ray"), "run", str(path), "--address", env["gcs"]],
@@ -222,6 +257,29 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
         assert {"checkpoint/model.pt", "plots/confusion_matrix.png", "plots/predictions.png"} <= arts
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
     assert all(float(r.data.params["losses.lambda_1"]) > 0 for r in trials)
+    # The folder's roles, as the manifest logged to the parent run has them.
+    manifest_art = [a.path for a in client.list_artifacts(parent.info.run_id, "data") if a.path.endswith(".parquet")]
+    manifest = pq.read_table(client.download_artifacts(parent.info.run_id, manifest_art[0], str(env["root"])))
+    role = {r["id"]: r["subset"] for r in manifest.to_pylist()}
+    assert Counter(role.values()) == {"labeled": MASKED - 4, "unlabeled": FOLDER_IMAGES - MASKED, "val": 2, "test": 2}
+    assert sorted(i for i, r in role.items() if r == "val") == VAL_IDS
+    assert sorted(i for i, r in role.items() if r == "test") == TEST_IDS
+    # The images each job drew to train (recorded by its loop): no val or test image ever, and the
+    # images without masks really trained the MGD trials (and the teacher's CPS), as unlabeled ones.
+    for run in runs:
+        if run is parent:
+            continue
+        local = client.download_artifacts(run.info.run_id, "data/images_drawn.csv", str(env["root"] / run.info.run_id))
+        with open(local, newline="") as f:
+            drawn = list(csv.DictReader(f))
+        assert drawn and not {d["id"] for d in drawn} & set(VAL_IDS + TEST_IDS)
+        assert {d["id"] for d in drawn if int(d["labeled"])} <= {i for i, r in role.items() if r == "labeled"}
+        unlabeled = {d["id"] for d in drawn if int(d.get("unlabeled") or 0)}
+        assert unlabeled <= {i for i, r in role.items() if r == "unlabeled"}
+        if run in trials or run is teacher:
+            assert unlabeled, run.data.tags[tracking.KIND_TAG]
+        else:
+            assert not unlabeled  # Sup-only draws labeled images only
     assert {r.data.tags["mgd_ray.ray_train"] for r in runs if r is not parent} == {"worker group"}
     # The teachers ran once for the whole search: every trial read their signals from the cache.
     assert [r.data.tags["mgd_ray.teacher_cache"] for r in trials] == ["hit", "hit"], [
