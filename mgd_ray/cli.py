@@ -148,7 +148,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     scaling = scaling_config(args.workers, args.cpus_per_worker, 1.0 if args.gpus else 0.0)
     out = run_job(cfg, scaling, storage_path=args.storage, name=args.name, max_failures=args.max_failures)
-    print(f"val/mIoU {out.metrics.get('val/mIoU', float('nan')):.4f} after {out.metrics.get('step')} steps")
+    metric = "pretrain/label_accuracy" if cfg.kind == "pretrain" else "val/mIoU"
+    print(f"{metric} {out.metrics.get(metric, float('nan')):.4f} after {out.metrics.get('step')} steps")
     print(f"model: {out.model_path}")
     return 0
 
@@ -198,6 +199,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     report = run_study(study, source=Path(args.study), resume=args.resume)
     print(f"report: {report}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mgd_ray.study.run import pretrain_study
+
+    study = _load_study(args.study)
+    if study is None:
+        return 2
+    if args.tracking_uri:
+        study = study.model_copy(update={"mlflow": study.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
+    if args.storage:
+        study = study.model_copy(update={"storage_path": args.storage})
+    if args.address:
+        import ray
+
+        ray.init(address=args.address)
+    done = pretrain_study(study, source=Path(args.study))
+    if not done:
+        print(f"{args.study}: no model has pretrained: builtin (or every teacher that has is already trained)")
+    for label, entry in done.items():
+        accuracy = entry.get("pretrain/label_accuracy")
+        scored = f", label accuracy {100 * accuracy:.1f} %" if accuracy is not None else ""
+        print(f"{label}: {entry['path']} ({entry['source']}{scored})")
     return 0
 
 
@@ -271,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
 
     train = sub.add_parser("train", help="run one training job on Ray Train (outside a study)")
-    train.add_argument("kind", choices=("teacher", "student", "baseline"))
+    train.add_argument("kind", choices=("teacher", "student", "baseline", "pretrain"))
     train.add_argument("--config", required=True, help="YAML job file (see studies/jobs/)")
     train.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); CPU + gloo otherwise")
@@ -291,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", default=None, help="storage path (overrides the study's storage_path)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
     run.set_defaults(func=_cmd_run)
+
+    pretrain = sub.add_parser(
+        "pretrain", help="pretrain a study's `pretrained: builtin` backbones on the built-in corpus (MLflow)"
+    )
+    pretrain.add_argument("study", help="study file (see studies/)")
+    pretrain.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides the study's)")
+    pretrain.add_argument("--storage", default=None, help="storage path (overrides the study's storage_path)")
+    pretrain.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
+    pretrain.set_defaults(func=_cmd_pretrain)
 
     init = sub.add_parser("init", help="write a study file for a folder of partly labeled images")
     init.add_argument(

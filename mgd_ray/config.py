@@ -271,11 +271,50 @@ class BaselineJobConfig(Strict):
         return self
 
 
-JobConfig = TeacherJobConfig | DistillJobConfig | BaselineJobConfig
+class CorpusConfig(Strict):
+    """The built-in pretraining corpus (``mgd_ray.data.corpus``): its own seed, size and classes."""
+
+    seed: int = 1000
+    num_images: PositiveInt = 3000
+    num_val: PositiveInt = 300
+    size: Annotated[int, Field(ge=32)] = 32
+    num_classes: Annotated[int, Field(ge=2, le=6)] = 6
+
+    @model_validator(mode="after")
+    def _some_images_train(self) -> CorpusConfig:
+        if self.num_val >= self.num_images:
+            raise ValueError(
+                f"num_val: {self.num_val} held out leaves none of the {self.num_images} images to train on"
+            )
+        return self
+
+
+class PretrainScheduleConfig(Strict):
+    iterations: PositiveInt = 600
+    batch: PositiveInt = 64  # images per step over all workers
+    eval_every: PositiveInt = 200
+    seed: int = 0
+
+
+class PretrainJobConfig(Strict):
+    """A backbone pretrained on the built-in corpus: the stand-in for ImageNet weights (``pretrained:``)."""
+
+    kind: Literal["pretrain"] = "pretrain"
+    corpus: CorpusConfig = CorpusConfig()
+    model: ModelConfig = ModelConfig()
+    # The batch is global (split over workers), so the LR does not grow with them.
+    optim: OptimConfig = OptimConfig(optimizer="adamw", lr=0.002, scale_lr_with_world_size=False)
+    schedule: PretrainScheduleConfig = PretrainScheduleConfig()
+    cache: Path = Path("data/corpus")  # the generated corpus is kept here for later jobs
+    output: Path = Path("mgd_ray_runs/pretrain")
+
+
+JobConfig = TeacherJobConfig | DistillJobConfig | BaselineJobConfig | PretrainJobConfig
 JOB_TYPES: dict[str, type[Strict]] = {
     "teacher": TeacherJobConfig,
     "student": DistillJobConfig,
     "baseline": BaselineJobConfig,
+    "pretrain": PretrainJobConfig,
 }
 
 

@@ -19,9 +19,11 @@ from mlflow.tracking import MlflowClient
 
 KEY_TAG = "mgd_ray.key"
 STUDY_TAG = "mgd_ray.study"
-KIND_TAG = "mgd_ray.kind"  # study | teacher | trial | baseline | repeat
+KIND_TAG = "mgd_ray.kind"  # study | pretrain | teacher | trial | baseline | repeat
 STATE_TAG = "mgd_ray.state"  # running | finished | stopped_early | failed
 TEACHER_KEY_TAG = "mgd_ray.teacher_key"
+PRETRAIN_KEY_TAG = "mgd_ray.pretrain_key"
+PRETRAIN_ARTIFACT = "pretrain/backbone.pt"
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 
 
@@ -114,25 +116,29 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[in
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def find_teacher(client: MlflowClient, teacher_key: str) -> Any | None:
-    """A finished teacher pretraining with this key in *any* experiment: studies share teachers."""
+def find_finished(client: MlflowClient, tag: str, key: str) -> Any | None:
+    """The newest finished run tagged ``tag = key`` in *any* experiment: studies share teachers and pretrainings."""
     ids = [e.experiment_id for e in client.search_experiments()]
     if not ids:
         return None
     runs = client.search_runs(
         ids,
-        filter_string=f"tags.`{TEACHER_KEY_TAG}` = '{teacher_key}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{tag}` = '{key}' and attributes.status = 'FINISHED'",
         order_by=["attributes.end_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
 
 
-def download_checkpoint(uri: str, run_id: str, dest: Path) -> Path:
-    """The run's ``checkpoint/model.pt`` as a local file under ``dest``."""
+def find_teacher(client: MlflowClient, teacher_key: str) -> Any | None:
+    return find_finished(client, TEACHER_KEY_TAG, teacher_key)
+
+
+def download_checkpoint(uri: str, run_id: str, dest: Path, artifact: str = CHECKPOINT_ARTIFACT) -> Path:
+    """The run's ``checkpoint/model.pt`` (or another ``artifact``) as a local file under ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(dest), tracking_uri=uri
+        run_id=run_id, artifact_path=artifact, dst_path=str(dest), tracking_uri=uri
     )
     return Path(local)
 

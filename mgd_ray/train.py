@@ -34,9 +34,10 @@ from mgd_ray.data.stream import with_manifest
 from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
+from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
 from mgd_ray.tracking import client_for, log_metrics
 
-JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline}
+JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline, "pretrain": run_pretrain}
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
@@ -152,8 +153,15 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return Checkpoint.from_directory(str(steps[-1])) if steps else None
 
 
-def copy_exported_model(result: Result, output: Path, checkpoint: Checkpoint | None = None) -> Path:
-    """Copy the exported network (``model.pt`` of the last checkpoint) to ``output``.
+def exported_file(cfg: JobConfig) -> str:
+    """What a job exports: a pretraining its backbone's weights, every other job a segmenter."""
+    return BACKBONE_FILE if cfg.kind == "pretrain" else MODEL_FILE
+
+
+def copy_exported_model(
+    result: Result, output: Path, checkpoint: Checkpoint | None = None, name: str = MODEL_FILE
+) -> Path:
+    """Copy the exported file (``model.pt``, or ``name``, of the last checkpoint) to ``output``.
 
     ``checkpoint`` overrides ``result.checkpoint`` (a job run in its trial's process reports its
     checkpoints to Tune, not to Ray Train: see ``latest_checkpoint``).
@@ -163,8 +171,8 @@ def copy_exported_model(result: Result, output: Path, checkpoint: Checkpoint | N
         raise RuntimeError(f"job finished without a checkpoint; see the logs under {result.path}")
     output.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as d:
-        shutil.copyfile(Path(d) / MODEL_FILE, output / MODEL_FILE)
-    return output / MODEL_FILE
+        shutil.copyfile(Path(d) / name, output / name)
+    return output / name
 
 
 def run_job(
@@ -181,13 +189,15 @@ def run_job(
     worker starts. The exported model (``model.pt`` of the last checkpoint) is
     copied to ``cfg.output``.
     """
-    cfg = with_manifest(absolute_paths(cfg, Path.cwd()))
-    print(require_clean(check_data(cfg.data)).text(), flush=True)
+    cfg = absolute_paths(cfg, Path.cwd())
+    if cfg.kind != "pretrain":  # a pretraining reads the generated corpus, not a dataset
+        cfg = with_manifest(cfg)
+        print(require_clean(check_data(cfg.data)).text(), flush=True)
     storage = Path(storage_path).resolve()
     name = name or f"{cfg.kind}-{cfg.output.name}"
     trainer = make_trainer(cfg, scaling, storage, name, max_failures)
     result = trainer.fit()
-    model_path = copy_exported_model(result, cfg.output)
+    model_path = copy_exported_model(result, cfg.output, name=exported_file(cfg))
     return JobResult(
         metrics=dict(result.metrics or {}), history=job_history(result), model_path=model_path, result=result
     )

@@ -52,3 +52,20 @@ def test_relative_paths_become_absolute():
     assert fixed.teachers["T_D"].checkpoint == Path("/base/t/model.pt")
     assert fixed.data.root == Path("/base/data/builtin")
     assert fixed.output == Path("/base/mgd_ray_runs/student")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "studies" / "jobs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_the_shipped_job_files_validate(path):
+    from mgd_ray.config import load_job_config
+
+    kind = path.stem.split("_")[0]
+    assert load_job_config(path, kind).kind == kind
+
+
+def test_a_corpus_keeps_images_to_train_on():
+    from mgd_ray.config import CorpusConfig
+
+    with pytest.raises(ValueError, match="num_val: 300 held out leaves none of the 300 images"):
+        CorpusConfig(num_images=300, num_val=300)

@@ -246,3 +246,23 @@ def test_in_trial_job_killed_after_its_last_step_still_exports_its_model(
     # retry, so the count comes from the trial's last result rather than its metrics dataframe).
     assert results[0].metrics["training_iteration"] == 1 and results[0].metrics["step"] == 2
     assert Path((tmp_path / "exported").read_text()).is_file()
+
+
+def test_a_pretraining_runs_as_a_ray_train_job_and_exports_its_backbone(local_ray, tmp_path):
+    """`mgd-ray train pretrain`: two DDP workers over gloo, no dataset to check, backbone.pt exported."""
+    cfg = parse_job_config(
+        "pretrain",
+        {
+            "corpus": {"num_images": 40, "num_val": 8},
+            "model": {"backbone": "mobilenet_v2"},
+            "schedule": {"iterations": 2, "batch": 8, "eval_every": 1},
+            "cache": str(tmp_path / "corpus"),
+            "output": str(tmp_path / "out"),
+        },
+    )
+    out = run_job(cfg, scaling(2), storage_path=tmp_path / "ray", name="pretrain")
+    assert [h["step"] for h in out.history] == [1, 2]
+    assert out.model_path == tmp_path / "out" / "backbone.pt"
+    record = torch.load(out.model_path, weights_only=True)
+    assert record["format"] == "mgd_ray.backbone/1" and record["metrics"]["step"] == 2
+    assert 0.0 <= out.metrics["pretrain/label_accuracy"] <= 1.0

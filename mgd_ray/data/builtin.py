@@ -247,7 +247,13 @@ def builtin_image(
     seed: int, split: str, index: int, size: int, num_classes: int, items: dict[int, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 H×W×3) and label (uint8 H×W); its own RNG, seeded by (seed, split, index)."""
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    return scene_image(np.random.default_rng([seed, SPLITS.index(split), index]), size, num_classes, items)
+
+
+def scene_image(
+    rng: np.random.Generator, size: int, num_classes: int, items: dict[int, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A scene drawn from ``rng``: background, objects and distractors, pixel noise; (image, label)."""
     background = _background(rng, size)
     image, label = render_scene(background, _sample_scene(rng, size, num_classes, items or {}))
     image += rng.normal(0, rng.uniform(3, 12), image.shape)

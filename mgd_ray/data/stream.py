@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mgd_ray.config import DataConfig, ScheduleConfig
 from mgd_ray.data.benchmark import is_shipped, prepare_benchmark
-from mgd_ray.data.datasets import IGNORE_INDEX, SegmentationDataset
+from mgd_ray.data.datasets import IGNORE_INDEX, DatasetError, SegmentationDataset
 from mgd_ray.data.folder import prepare_folder
 from mgd_ray.data.partitions import (
     cityscapes_manifest,
@@ -43,7 +43,7 @@ class JobData:
     """The datasets of a job, built from the Parquet manifest every worker reads."""
 
     labeled: SegmentationDataset
-    unlabeled: SegmentationDataset
+    unlabeled: SegmentationDataset | None  # None when every training image keeps its label (partition: all)
     val: SegmentationDataset
     num_classes: int
     class_names: list[str]
@@ -97,16 +97,16 @@ def load_job_data(cfg: DataConfig) -> JobData:
     meta = manifest_meta(table)
     num_classes = int(meta["num_classes"])
     train_tf = train_transform(cfg.crop_size, cfg.scales)
-    has_test = "test" in table["subset"].to_pylist()
+    subsets = set(table["subset"].to_pylist())
     return JobData(
         labeled=SegmentationDataset(table, "labeled", num_classes, train_tf),
-        unlabeled=SegmentationDataset(table, "unlabeled", num_classes, train_tf),
+        unlabeled=SegmentationDataset(table, "unlabeled", num_classes, train_tf) if "unlabeled" in subsets else None,
         val=SegmentationDataset(table, "val", num_classes, eval_transform()),
         num_classes=num_classes,
         class_names=list(meta["class_names"]),
         manifest=manifest,
         dataset=str(meta["dataset"]),
-        test=SegmentationDataset(table, "test", num_classes, eval_transform()) if has_test else None,
+        test=SegmentationDataset(table, "test", num_classes, eval_transform()) if "test" in subsets else None,
     )
 
 
@@ -227,6 +227,11 @@ def batches(
     lab = stream(data.labeled, schedule.batch_labeled, derive_seed(seed, 0), env, start, workers)
     u0s = u1s = None
     if unlabeled:
+        if data.unlabeled is None:
+            raise DatasetError(
+                f"{data.manifest}: this job trains on unlabeled images, and every training image keeps its label; "
+                "choose a partition (1/8, labeled: N) or add unlabeled images"
+            )
         u0s = stream(data.unlabeled, schedule.batch_unlabeled, derive_seed(seed, 1), env, start, workers)
         u1s = stream(data.unlabeled, schedule.batch_unlabeled, derive_seed(seed, 2), env, start, workers)
     step = start

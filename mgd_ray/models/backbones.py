@@ -194,7 +194,8 @@ def build_backbone(name: str, output_stride: int = 16, pretrained: Pretrained = 
     """Build backbone `name` at `output_stride` (8/16/32).
 
     pretrained: False/None random init; True or "imagenet" torchvision's DEFAULT ImageNet weights (downloaded
-    once into the torch hub cache); any other string a local state-dict file (see load_backbone_weights).
+    once into the torch hub cache); "builtin" is resolved by a study (its corpus pretraining) before any job
+    builds a network; any other string a local state-dict file (see load_backbone_weights).
     stem: "plain" (torchvision's 7×7, which the ImageNet weights need) or "deep" (the official code's, ResNets).
     """
     if name not in BACKBONES:
@@ -205,6 +206,11 @@ def build_backbone(name: str, output_stride: int = 16, pretrained: Pretrained = 
         raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
     if stem == "deep" and name not in RESNETS:
         raise ValueError(f"stem='deep' exists only for ResNets ({', '.join(RESNETS)}), not {name}")
+    if pretrained == "builtin":
+        raise ValueError(
+            "pretrained: builtin names weights a study pretrains on the built-in corpus (its pretrain stage); "
+            "a job on its own takes their file: pretrained: <path of backbone.pt> (`mgd-ray pretrain` writes one)"
+        )
     imagenet = pretrained is True or pretrained == "imagenet"
     if imagenet and stem == "deep":
         raise ValueError(

@@ -23,12 +23,14 @@ from pydantic import (
 
 from mgd_ray.config import (
     ConfigError,
+    CorpusConfig,
     DataConfig,
     DistillLosses,
     ModelConfig,
     NonNegFloat,
     OptimConfig,
     PositiveInt,
+    PretrainScheduleConfig,
     ScheduleConfig,
     Strict,
     read_yaml_mapping,
@@ -144,6 +146,18 @@ class TeacherRecipe(Strict):
     cps_weight: NonNegFloat = 1.0
     cps_rampup: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0: constant weight (paper); see jobs.cps.rampup
     ohem: bool = False
+
+
+class PretrainRecipe(Strict):
+    """How the backbones of ``pretrained: builtin`` models are pretrained on the built-in corpus.
+
+    The stand-in for ImageNet weights (``mgd_ray.data.corpus``): each backbone is pretrained once
+    per (backbone, stem, corpus, recipe) and found again in MLflow by every later study.
+    """
+
+    corpus: CorpusConfig = CorpusConfig()
+    optim: OptimConfig = OptimConfig(optimizer="adamw", lr=0.002, scale_lr_with_world_size=False)
+    schedule: PretrainScheduleConfig = PretrainScheduleConfig()
 
 
 class TeacherSpec(Strict):
@@ -277,6 +291,7 @@ class StudyConfig(Strict):
     seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0,)
     resources: Resources = Resources()
     teacher_resources: Resources | None = None
+    pretrain: PretrainRecipe = PretrainRecipe()  # for the models with ``pretrained: builtin``
     ray_train: RayTrainOptions = RayTrainOptions()
     report: ReportOptions = ReportOptions()
     mlflow: MlflowConfig = MlflowConfig()

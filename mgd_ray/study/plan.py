@@ -19,6 +19,8 @@ from mgd_ray.config import (
     CheckpointRef,
     DistillJobConfig,
     JobConfig,
+    ModelConfig,
+    PretrainJobConfig,
     TeacherJobConfig,
 )
 from mgd_ray.study.config import Resources, StudyConfig
@@ -27,6 +29,7 @@ from mgd_ray.study.config import Resources, StudyConfig
 # empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
 DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 ROLE_FIELDS = ("labeled", "labeled_list", "val", "test", "unlabeled", "selection", "split_seed")
+BUILTIN_WEIGHTS = "builtin"  # ``pretrained: builtin``: the backbone pretrained on the built-in corpus
 
 
 @dataclass
@@ -41,6 +44,16 @@ class Plan:
     teachers: dict[str, Path] = field(default_factory=dict)
     teacher_cache: Path | None = None  # set by stage_cache when the study caches teacher signals
     teacher_examples: Path | None = None  # the teachers' example predictions (``write_teacher_examples``)
+    pretrained: dict[str, Path] = field(default_factory=dict)  # pretrain key → backbone.pt (``stage_pretrain``)
+
+    def weights(self, model: ModelConfig) -> ModelConfig:
+        """``model`` as a job builds it: ``pretrained: builtin`` becomes the file its pretraining wrote."""
+        if model.pretrained != BUILTIN_WEIGHTS:
+            return model
+        key = pretrain_key(self.study, model)
+        if key not in self.pretrained:
+            raise RuntimeError(f"{model.backbone}: pretrained: builtin, but the pretrain stage has not run (key {key})")
+        return model.model_copy(update={"pretrained": str(self.pretrained[key])})
 
     def resources(self, teacher: bool = False) -> Resources:
         """A job's resources: the teachers' own (``teacher_resources``) when the study sets them."""
@@ -59,6 +72,40 @@ class Plan:
         return {"cpu": resources.cpus_per_worker} | (
             {"gpu": resources.gpus_per_worker} if resources.gpus_per_worker else {}
         )
+
+
+def pretrain_key(study: StudyConfig, model: ModelConfig) -> str:
+    """Identity of a corpus pretraining: same backbone, stem, corpus and recipe → the same weights."""
+    blob = {"backbone": model.backbone, "stem": model.stem, "pretrain": study.pretrain.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def pretrained_architectures(study: StudyConfig, teachers: list[str]) -> list[ModelConfig]:
+    """The (backbone, stem) pairs to pretrain on the corpus, once each: the student's and those of
+    the named ``teachers`` (the ones to be trained), where ``pretrained: builtin``."""
+    models = [study.student] + [study.teachers[name].model for name in teachers]
+    chosen = {
+        pretrain_key(study, m): ModelConfig(backbone=m.backbone, stem=m.stem, pretrained=BUILTIN_WEIGHTS)
+        for m in models
+        if m.pretrained == BUILTIN_WEIGHTS
+    }
+    return list(chosen.values())
+
+
+def pretrain_label(model: ModelConfig) -> str:
+    return model.backbone if model.stem == "plain" else f"{model.backbone}-{model.stem}"
+
+
+def pretrain_job(plan: Plan, model: ModelConfig) -> PretrainJobConfig:
+    recipe = plan.study.pretrain
+    return PretrainJobConfig(
+        corpus=recipe.corpus,
+        model=ModelConfig(backbone=model.backbone, stem=model.stem),
+        optim=recipe.optim,
+        schedule=recipe.schedule,
+        cache=plan.root.parents[1] / "corpus",  # <storage>/corpus: shared by every study there
+        output=plan.root / "pretrained" / pretrain_label(model),
+    )
 
 
 def teacher_key(study: StudyConfig, name: str) -> str:
@@ -88,6 +135,8 @@ def teacher_key(study: StudyConfig, name: str) -> str:
         "model": spec.model.model_dump(mode="json"),
         "recipe": spec.effective_recipe.model_dump(mode="json"),
     }
+    if spec.model.pretrained == BUILTIN_WEIGHTS:  # another corpus or recipe makes another teacher
+        blob["pretrain"] = pretrain_key(study, spec.model)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -96,7 +145,7 @@ def teacher_job(plan: Plan, name: str) -> TeacherJobConfig:
     recipe = spec.effective_recipe
     return TeacherJobConfig(
         data=plan.study.data,
-        model=spec.model,
+        model=plan.weights(spec.model),
         optim=recipe.optim,
         schedule=recipe.schedule,
         cps_weight=recipe.cps_weight,
@@ -144,7 +193,7 @@ def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> 
     optim = study.optim.model_copy(update={"lr": params["lr"]} if "lr" in params else {})
     return DistillJobConfig(
         data=study.data,
-        student=study.student,
+        student=plan.weights(study.student),
         teachers={name: teacher_ref(plan, name) for name in used},
         teacher_mode=study.distill.teacher_mode,
         teacher_precision=study.distill.teacher_precision,
@@ -163,7 +212,7 @@ def baseline_job(plan: Plan, index: int, seed: int, output: Path) -> BaselineJob
     return BaselineJobConfig(
         method=spec.method,
         data=study.data,
-        student=study.student,
+        student=plan.weights(study.student),
         teacher=teacher_ref(plan, spec.teacher) if spec.teacher is not None else None,
         ema_decay=spec.ema_decay,
         consistency_weight=spec.consistency_weight,
@@ -181,7 +230,7 @@ class TrialJob:
     cfg: JobConfig
     key: str
     name: str
-    kind: str  # teacher | baseline | trial | repeat
+    kind: str  # pretrain | teacher | baseline | trial | repeat
     params: dict[str, Any]
     tags: dict[str, str]
     teacher: bool = False
@@ -204,6 +253,18 @@ def trial_job(plan: Plan, config: dict[str, Any], trial_id: str | None = None) -
             {},
             tags,
             True,
+        )
+    if stage == "pretrain":
+        model = ModelConfig(backbone=config["backbone"], stem=config["stem"], pretrained=BUILTIN_WEIGHTS)
+        key, label = pretrain_key(plan.study, model), pretrain_label(model)
+        tags = base | {tracking.KIND_TAG: "pretrain", tracking.PRETRAIN_KEY_TAG: key, "mgd_ray.backbone": label}
+        return TrialJob(
+            pretrain_job(plan, model),
+            f"{plan.parent_run_id}/pretrain/{label}",
+            f"pretrain {label}",
+            "pretrain",
+            {},
+            tags,
         )
     seed = int(config.get("seed", plan.study.seeds[0]))
     if stage == "baselines":

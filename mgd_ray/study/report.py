@@ -53,6 +53,7 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     size = study.data.crop_size
     student_params, student_gflops = segmenter_cost(study.student, data.num_classes, size)
     lines = _header_section(plan, data)
+    lines += _pretrain_section(state)
     teacher_lines, teachers = _teachers_section(plan, state, data.num_classes)
     lines += teacher_lines
     lines += _student_section(plan, state, results, student_params, student_gflops)
@@ -112,9 +113,27 @@ def _splits_line(plan: Plan, data: JobData) -> str:
         val_text = f"{val} generated images"
         test_text = f"{test} generated images" if test else "none"
     return (
-        f"Data: {cfg.dataset}, {len(data.labeled)} labeled and {len(data.unlabeled)} unlabeled training images; "
+        f"Data: {cfg.dataset}, {len(data.labeled)} labeled and {len(data.unlabeled or [])} unlabeled training images; "
         f"val (the search and ASHA): {val_text}; test (the final evaluation only): {test_text}."
     )
+
+
+def _pretrain_section(state: dict[str, Any]) -> list[str]:
+    """The backbones pretrained on the built-in corpus (``pretrained: builtin``), with their accuracy."""
+    pretrained = state.get("pretrained") or {}
+    if not pretrained:
+        return []
+    lines = [
+        "## Pretraining (the built-in corpus: the stand-in for ImageNet weights)",
+        "",
+        "| backbone | source | label accuracy (%) | mAP (%) |",
+        "|---|---|---|---|",
+    ]
+    for label, entry in pretrained.items():
+        lines.append(
+            f"| {label} | {entry['source']} | {_pct(entry.get('pretrain/label_accuracy'))} | {_pct(entry.get('pretrain/mAP'))} |"
+        )
+    return lines + [""]
 
 
 def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tuple[list[str], list[dict[str, Any]]]:

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mgd_ray import tracking
 from mgd_ray.config import absolute_paths
 from mgd_ray.data.check import DataReport, check_data, require_clean
+from mgd_ray.data.datasets import DatasetError
 from mgd_ray.data.stream import with_manifest
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
@@ -30,6 +31,7 @@ from mgd_ray.study.stages import (
     pending_baselines,
     stage_baselines,
     stage_cache,
+    stage_pretrain,
     stage_repeats,
     stage_search,
     stage_teachers,
@@ -72,11 +74,33 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     except BaseException:
         tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "interrupted"})
         raise
+    _finish(plan, state, client)
+    return report
+
+
+def pretrain_study(study: StudyConfig, source: Path | None = None, base: Path | None = None) -> dict[str, Any]:
+    """``mgd-ray pretrain``: only the study's pretrain stage (its ``pretrained: builtin`` backbones),
+    found in MLflow or trained; a later ``mgd-ray run`` of the study finds them there."""
+    plan, state, data_report = _open(study, False, base or Path.cwd())
+    client = tracking.client_for(plan.tracking_uri)
+    _log_study(plan, client, source, data_report)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    tracking.set_tags(client, plan.parent_run_id, {"mgd_ray.only": "pretrain"})
+    try:
+        state.values["pretrained"] = stage_pretrain(plan, False)
+    except BaseException:
+        tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "interrupted"})
+        raise
+    _finish(plan, state, client)
+    return state.values["pretrained"]
+
+
+def _finish(plan: Plan, state: StudyState, client: MlflowClient) -> None:
     state.values["done"] = True
     state.save()
     tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "finished"})
     client.set_terminated(plan.parent_run_id, "FINISHED")
-    return report
 
 
 def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyState, DataReport]:
@@ -88,6 +112,12 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
     study = with_manifest(study.model_copy(update={"data": absolute_paths(study.data, base)}))
     data_report = require_clean(check_data(study.data))
     print(data_report.text(), flush=True)
+    if not data_report.images["unlabeled"]:
+        raise DatasetError(
+            f"{data_report.manifest}: every training image keeps its label, and the teachers (CPS) and MGD learn from "
+            "unlabeled images; choose a partition (data.partition: 1/8, data.labeled: N) or add unlabeled images "
+            "(images without masks, data.unlabeled)"
+        )
     client = tracking.client_for(uri)
     experiment_id = tracking.ensure_experiment(client, study.experiment)
     state = StudyState(storage / study.name / STATE_FILE, {})
@@ -135,6 +165,8 @@ def _run_stages(plan: Plan, state: StudyState, client: MlflowClient, resume: boo
     ``tested``: the data has test images (the data check counted them), read once by ``stage_test``.
     """
     study = plan.study
+    state.values["pretrained"] = stage_pretrain(plan, resume)
+    state.save()
     state.values["teachers"] = stage_teachers(plan, resume)
     state.save()
     plan.teacher_examples = write_teacher_examples(plan)

@@ -22,7 +22,16 @@ import ray.tune
 from mgd_ray import tracking
 from mgd_ray.data.stream import load_job_data
 from mgd_ray.final_eval import evaluate_on_test, save_examples
-from mgd_ray.study.plan import Plan, distill_job, teacher_key, teacher_ref
+from mgd_ray.jobs.pretrain import BACKBONE_FILE
+from mgd_ray.study.plan import (
+    Plan,
+    distill_job,
+    pretrain_key,
+    pretrain_label,
+    pretrained_architectures,
+    teacher_key,
+    teacher_ref,
+)
 from mgd_ray.study.results import study_results
 from mgd_ray.study.search import make_scheduler, make_searcher
 from mgd_ray.study.trial import run_trial
@@ -88,6 +97,55 @@ def drop_checkpoints(results: Any, stage: str) -> int:
             shutil.rmtree(ckpt, ignore_errors=True)
     log.info("stage %s: deleted the ended trials' Tune checkpoints (%.1f MiB)", stage, freed / 2**20)
     return freed
+
+
+def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
+    """Backbones of ``pretrained: builtin`` models, pretrained on the built-in corpus: found in MLflow
+    (any study's, by ``pretrain_key``) or trained now, one Tune trial each. Teachers that an earlier
+    study trained are reused as they are, so their backbones are not pretrained again."""
+    client = tracking.client_for(plan.tracking_uri)
+    teachers = [
+        name
+        for name, spec in plan.study.teachers.items()
+        if spec.checkpoint is None
+        and spec.mlflow_run is None
+        and tracking.find_teacher(client, teacher_key(plan.study, name)) is None
+    ]
+    info: dict[str, dict[str, Any]] = {}
+    to_train = []
+    for model in pretrained_architectures(plan.study, teachers):
+        key, label = pretrain_key(plan.study, model), pretrain_label(model)
+        run = tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key)
+        if run is None:
+            to_train.append(model)
+            continue
+        plan.pretrained[key] = tracking.download_checkpoint(
+            plan.tracking_uri, run.info.run_id, plan.root / "pretrained" / label, tracking.PRETRAIN_ARTIFACT
+        )
+        info[label] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
+    if to_train:
+        jobs = [{"stage": "pretrain", "backbone": m.backbone, "stem": m.stem} for m in to_train]
+        tuner = _tuner(
+            plan,
+            "pretrain",
+            resume,
+            param_space={"stage": "pretrain", "job": ray.tune.grid_search(jobs)},
+            tune_config=_grid_tune_config(plan),
+        )
+        check_stage(tuner.fit(), "pretrain")
+        for model in to_train:
+            key, label = pretrain_key(plan.study, model), pretrain_label(model)
+            run = tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key)
+            if run is None:
+                raise RuntimeError(f"pretraining of {label} finished but its MLflow run is missing")
+            plan.pretrained[key] = plan.root / "pretrained" / label / BACKBONE_FILE
+            info[label] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+    for model in pretrained_architectures(plan.study, teachers):
+        entry = info[pretrain_label(model)]
+        entry["path"] = str(plan.pretrained[pretrain_key(plan.study, model)])
+        metrics = client.get_run(entry["run_id"]).data.metrics
+        entry |= {k: metrics[k] for k in ("pretrain/label_accuracy", "pretrain/mAP") if k in metrics}
+    return info
 
 
 def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:

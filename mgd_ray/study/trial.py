@@ -31,7 +31,7 @@ from mgd_ray.final_eval import example_predictions, load_examples, recorded_eval
 from mgd_ray.plots import overlay_grid, plot_confusion_matrix
 from mgd_ray.study.plan import Plan, TrialJob, trial_job
 from mgd_ray.teacher_cache.read import check_cache
-from mgd_ray.train import copy_exported_model, latest_checkpoint, make_trainer, scaling_config
+from mgd_ray.train import copy_exported_model, exported_file, latest_checkpoint, make_trainer, scaling_config
 
 
 def run_trial(config: dict[str, Any], plan: Plan) -> None:
@@ -109,10 +109,15 @@ def _train(plan: Plan, job: TrialJob, client: MlflowClient, run_id: str) -> None
     )
     try:
         result = trainer.fit()
-        model_path = copy_exported_model(result, job.cfg.output, latest_checkpoint(local) if in_trial else None)
+        model_path = copy_exported_model(
+            result, job.cfg.output, latest_checkpoint(local) if in_trial else None, exported_file(job.cfg)
+        )
         shutil.rmtree(local, ignore_errors=True)  # Tune keeps its copy of the last checkpoint
-        tracking.log_files(client, run_id, [model_path], "checkpoint")
-        log_model_artifacts(plan, client, run_id, model_path, job)
+        if job.kind == "pretrain":  # backbone weights: nothing to segment or plot
+            tracking.log_files(client, run_id, [model_path], Path(tracking.PRETRAIN_ARTIFACT).parent.name)
+        else:
+            tracking.log_files(client, run_id, [model_path], "checkpoint")
+            log_model_artifacts(plan, client, run_id, model_path, job)
     except BaseException as err:
         # ASHA stopping a trial and a job that really failed both end here, and Ray does not tell
         # them apart by exception type. Leave "interrupted": a real failure fails the stage

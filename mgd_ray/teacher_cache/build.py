@@ -136,7 +136,7 @@ def _sizes(
     total: int, iterations: int, ranks: int, world_size: int, cfg: DistillJobConfig, data: JobData
 ) -> dict[str, float]:
     """Bytes per rank's step, and per epoch (one pass over the unlabeled set) and training image."""
-    n_unlabeled = max(len(data.unlabeled), 1)
+    n_unlabeled = max(len(data.unlabeled) if data.unlabeled is not None else 0, 1)
     steps_per_epoch = n_unlabeled / (cfg.schedule.batch_unlabeled * world_size)
     per_step = total / (iterations * ranks)
     return {

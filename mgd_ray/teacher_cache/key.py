@@ -56,7 +56,7 @@ def _cached_sha256(path: Path) -> str:
 def _data_files_fingerprint(data: JobData) -> str:
     """SHA-256 of the training files' paths and sizes (cheap: one stat per file, no reads)."""
     h = hashlib.sha256()
-    for ds in (data.labeled, data.unlabeled):
+    for ds in (d for d in (data.labeled, data.unlabeled) if d is not None):
         for image, label in zip(ds.images, ds.labels, strict=True):
             for p in (image, label):
                 if p is not None:

@@ -86,3 +86,46 @@ def test_teacher_key_follows_the_images_roles():
     assert with_data(split_seed=0) == key  # a setting left at its default changes nothing
     folder = with_data(dataset="folder", root=Path("/data/mine"), partition="all")
     assert with_data(dataset="folder", root=Path("/data/mine"), partition="all", test=0.1) != folder
+
+
+def test_builtin_pretraining_is_keyed_resolved_and_keys_the_teachers(tmp_path):
+    from mgd_ray.config import ModelConfig, PretrainScheduleConfig
+    from mgd_ray.study.plan import pretrain_key, pretrained_architectures
+
+    study = load_study(QUICKSTART)
+    builtin = {"pretrained": "builtin"}
+    teachers = {
+        n: t.model_copy(update={"model": t.model.model_copy(update=builtin)}) for n, t in study.teachers.items()
+    }
+    pretrained = study.model_copy(update={"teachers": teachers, "student": study.student.model_copy(update=builtin)})
+    # student mobilenet_v2 and T_D resnet34, T_W resnet18: one pretraining each
+    assert [m.backbone for m in pretrained_architectures(pretrained, ["T_D", "T_W"])] == [
+        "mobilenet_v2",
+        "resnet34",
+        "resnet18",
+    ]
+    assert [m.backbone for m in pretrained_architectures(pretrained, [])] == ["mobilenet_v2"]  # teachers found
+    assert pretrained_architectures(study, ["T_D", "T_W"]) == []  # nothing asks for builtin weights
+    key = pretrain_key(pretrained, ModelConfig(backbone="resnet18"))
+    longer = pretrained.model_copy(
+        update={
+            "pretrain": pretrained.pretrain.model_copy(update={"schedule": PretrainScheduleConfig(iterations=1200)})
+        }
+    )
+    assert pretrain_key(longer, ModelConfig(backbone="resnet18")) != key
+    assert pretrain_key(pretrained, ModelConfig(backbone="resnet18", stem="deep")) != key
+    # A teacher started from the corpus weights is another teacher than one from scratch, and than one
+    # pretrained with another recipe; the student's pretraining does not move the teachers' keys.
+    assert teacher_key(pretrained, "T_W") != teacher_key(study, "T_W")
+    assert teacher_key(longer, "T_W") != teacher_key(pretrained, "T_W")
+    plan = Plan(pretrained, tmp_path / "storage" / "s" / "i", "", "", "")
+    with pytest.raises(RuntimeError, match="the pretrain stage has not run"):
+        trial_job(plan, {"stage": "teachers", "teacher": "T_W"})
+    plan.pretrained[pretrain_key(pretrained, pretrained.teachers["T_W"].model)] = tmp_path / "w.pt"
+    job = trial_job(plan, {"stage": "teachers", "teacher": "T_W"})
+    assert job.cfg.model.pretrained == str(tmp_path / "w.pt") and job.cfg.model.backbone == "resnet18"
+    pre = trial_job(plan, {"stage": "pretrain", "backbone": "resnet18", "stem": "plain"})
+    assert pre.kind == "pretrain" and pre.tags[tracking.PRETRAIN_KEY_TAG] == pretrain_key(
+        pretrained, ModelConfig(backbone="resnet18")
+    )
+    assert pre.cfg.cache == tmp_path / "storage" / "corpus" and pre.cfg.schedule == pretrained.pretrain.schedule

@@ -162,8 +162,16 @@ def study_file(root: Path, name: str, uri: str, folder: str = ".", **extra) -> P
             "crop_size": 32,
             "scales": [1.0],
         },
-        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": TINY_SCHEDULE}}},
-        "student": {"backbone": "mobilenet_v2"},
+        # Every network starts from the built-in corpus pretraining (a tiny one): study A pretrains
+        # both backbones, study B finds them, and A's teacher, in MLflow.
+        "teachers": {
+            "T_D": {"model": {"backbone": "resnet18", "pretrained": "builtin"}, "recipe": {"schedule": TINY_SCHEDULE}}
+        },
+        "student": {"backbone": "mobilenet_v2", "pretrained": "builtin"},
+        "pretrain": {
+            "corpus": {"num_images": 40, "num_val": 8},
+            "schedule": {"iterations": 4, "batch": 8, "eval_every": 2},
+        },
         "schedule": TINY_SCHEDULE,
         "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
         "search": {
@@ -237,7 +245,14 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     kinds = Counter(r.data.tags.get(tracking.KIND_TAG) for r in runs if r is not parent)
-    assert kinds == {"teacher": 1, "baseline": 1, "trial": 2}
+    assert kinds == {"pretrain": 2, "teacher": 1, "baseline": 1, "trial": 2}
+    pretrained = {r.data.tags["mgd_ray.backbone"]: r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "pretrain"}
+    assert set(pretrained) == {"resnet18", "mobilenet_v2"}
+    for run in pretrained.values():
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert [s for s, _ in tracking.metric_history(client, run.info.run_id, "pretrain/label_accuracy")] == [2, 4]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "pretrain")] == ["pretrain/backbone.pt"]
+    runs = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) != "pretrain"]
     # Sup-only needs no teacher: it ran in the teachers' Tune stage, beside the teacher, not after it.
     teacher = next(r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "teacher")
     baseline = next(r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "baseline")
@@ -257,6 +272,10 @@ def test_study_logs_everything_to_an_mlflow_server(env, study_a):
         assert {"checkpoint/model.pt", "plots/confusion_matrix.png", "plots/predictions.png"} <= arts
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "trial"]
     assert all(float(r.data.params["losses.lambda_1"]) > 0 for r in trials)
+    # Each job started from its backbone's pretrained weights, the file the pretrain stage wrote.
+    assert teacher.data.params["model.pretrained"].endswith("pretrained/resnet18/backbone.pt")
+    for run in [*trials, baseline]:
+        assert run.data.params["student.pretrained"].endswith("pretrained/mobilenet_v2/backbone.pt")
     # The folder's roles, as the manifest logged to the parent run has them.
     manifest_art = [a.path for a in client.list_artifacts(parent.info.run_id, "data") if a.path.endswith(".parquet")]
     manifest = pq.read_table(client.download_artifacts(parent.info.run_id, manifest_art[0], str(env["root"])))
@@ -337,6 +356,24 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
         ray_train={"in_trial": True},
         report={"onnx": False},
     )
+    # `mgd-ray pretrain` alone: study B's one backbone to pretrain (its student's: its teacher is
+    # study A's) is found in MLflow, where study A left it; nothing is trained.
+    pre = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
+        [str(BIN / "mgd-ray"), "pretrain", str(path), "--address", env["gcs"]],
+        env=env["env"],
+        cwd=env["root"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
+    pretrain_a = next(
+        r
+        for r in child_runs(client, "study-a")
+        if r.data.tags.get(tracking.KIND_TAG) == "pretrain" and r.data.tags["mgd_ray.backbone"] == "mobilenet_v2"
+    )
+    assert "mobilenet_v2: " in pre.stdout and f"(MLflow run {pretrain_a.info.run_id}" in pre.stdout
+    assert "resnet18" not in pre.stdout
     job_id = f"study-b-{secrets.token_hex(4)}"
     out = submit(env, ["mgd-ray", "run", path.name], path.parent, wait=False, job_id=job_id)
     assert out.returncode == 0, out.stderr
@@ -365,8 +402,9 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     runs = child_runs(client, "study-b")
-    # The teacher came from study A's run, found through MLflow: study B trained none.
-    assert not [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "teacher"]
+    # The teacher came from study A's run, found through MLflow: study B trained none, and it
+    # pretrained no backbone either (the student's: study A's, from MLflow; the teacher's: not needed).
+    assert not [r for r in runs if r.data.tags.get(tracking.KIND_TAG) in ("teacher", "pretrain")]
     state = json.loads((env["root"] / "runs" / "study-b" / "study_state.json").read_text())
     teacher_a = next(r for r in child_runs(client, "study-a") if r.data.tags.get(tracking.KIND_TAG) == "teacher")
     assert state["teachers"]["T_D"]["run_id"] == teacher_a.info.run_id
@@ -390,7 +428,7 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     parents = [
         r
         for r in client.search_runs([client.get_experiment_by_name("study-b").experiment_id])
-        if r.data.tags.get(tracking.KIND_TAG) == "study"
+        if r.data.tags.get(tracking.KIND_TAG) == "study" and "mgd_ray.only" not in r.data.tags
     ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     # report.onnx off: no export logged, and the report says how to make one from the registered model.
