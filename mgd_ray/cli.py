@@ -183,12 +183,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from mgd_ray.study.run import run_study
-
-    study = _load_study(args.study, args.smoke)
+def _study_for(args: argparse.Namespace, smoke: bool = False):  # -> StudyConfig | None
+    """The study file with the command line's --tracking-uri and --storage, on the --address cluster."""
+    study = _load_study(args.study, smoke)
     if study is None:
-        return 2
+        return None
     if args.tracking_uri:
         study = study.model_copy(update={"mlflow": study.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
     if args.storage:
@@ -197,6 +196,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         import ray
 
         ray.init(address=args.address)
+    return study
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mgd_ray.study.run import run_study
+
+    study = _study_for(args, args.smoke)
+    if study is None:
+        return 2
     report = run_study(study, source=Path(args.study), resume=args.resume)
     print(f"report: {report}")
     return 0
@@ -205,17 +213,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mgd_ray.study.run import pretrain_study
 
-    study = _load_study(args.study)
+    study = _study_for(args)
     if study is None:
         return 2
-    if args.tracking_uri:
-        study = study.model_copy(update={"mlflow": study.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
-    if args.storage:
-        study = study.model_copy(update={"storage_path": args.storage})
-    if args.address:
-        import ray
-
-        ray.init(address=args.address)
     done = pretrain_study(study, source=Path(args.study))
     if not done:
         print(f"{args.study}: no model has pretrained: builtin (or every teacher that has is already trained)")

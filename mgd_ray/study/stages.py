@@ -72,6 +72,18 @@ def _grid_tune_config(plan: Plan) -> ray.tune.TuneConfig:
     return ray.tune.TuneConfig(reuse_actors=True, max_concurrent_trials=plan.study.searcher.max_concurrent)
 
 
+def run_grid(plan: Plan, stage: str, resume: bool, jobs: list[dict[str, Any]]) -> None:
+    """One Tune stage whose trials are the fixed ``jobs`` (each a trial's ``job`` config); fails on a failed one."""
+    tuner = _tuner(
+        plan,
+        stage,
+        resume,
+        param_space={"stage": stage, "job": ray.tune.grid_search(jobs)},
+        tune_config=_grid_tune_config(plan),
+    )
+    check_stage(tuner.fit(), stage)
+
+
 def check_stage(results: Any, stage: str) -> None:
     """Fail the stage on a failed trial; else drop its trials' Tune checkpoints (``drop_checkpoints``)."""
     errors = [r for r in results if r.error is not None]
@@ -124,15 +136,9 @@ def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
         )
         info[label] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
     if to_train:
-        jobs = [{"stage": "pretrain", "backbone": m.backbone, "stem": m.stem} for m in to_train]
-        tuner = _tuner(
-            plan,
-            "pretrain",
-            resume,
-            param_space={"stage": "pretrain", "job": ray.tune.grid_search(jobs)},
-            tune_config=_grid_tune_config(plan),
+        run_grid(
+            plan, "pretrain", resume, [{"stage": "pretrain", "backbone": m.backbone, "stem": m.stem} for m in to_train]
         )
-        check_stage(tuner.fit(), "pretrain")
         for model in to_train:
             key, label = pretrain_key(plan.study, model), pretrain_label(model)
             run = tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key)
@@ -182,14 +188,7 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
                 {"stage": "baselines", "baseline": i, "seed": seed}
                 for i, seed in pending_baselines(plan, teacher_free=True)
             ]
-        tuner = _tuner(
-            plan,
-            "teachers",
-            resume,
-            param_space={"stage": "teachers", "job": ray.tune.grid_search(jobs)},
-            tune_config=_grid_tune_config(plan),
-        )
-        check_stage(tuner.fit(), "teachers")
+        run_grid(plan, "teachers", resume, jobs)
         for name in to_train:
             run = tracking.find_teacher(client, teacher_key(plan.study, name))
             if run is None:
@@ -305,17 +304,7 @@ def stage_baselines(plan: Plan, resume: bool, jobs: list[tuple[int, int]]) -> No
     """The baselines ``jobs`` (``pending_baselines``), on the CPUs the cache build leaves."""
     if not jobs:
         return
-    tuner = _tuner(
-        plan,
-        "baselines",
-        resume,
-        param_space={
-            "stage": "baselines",
-            "job": ray.tune.grid_search([{"baseline": i, "seed": seed} for i, seed in jobs]),
-        },
-        tune_config=_grid_tune_config(plan),
-    )
-    check_stage(tuner.fit(), "baselines")
+    run_grid(plan, "baselines", resume, [{"baseline": i, "seed": seed} for i, seed in jobs])
 
 
 def drop_orphan_trial_runs(plan: Plan, known_trial_ids: set[str]) -> list[str]:

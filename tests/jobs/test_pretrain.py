@@ -27,7 +27,7 @@ def tiny(tmp_path, backbone: str, **schedule) -> PretrainJobConfig:
     )
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18", "resnet34"])  # the quickstart's three
 def test_pretrained_weights_load_into_segmenters_of_any_stride(tmp_path, backbone):
     reports = []
     final = run_pretrain(tiny(tmp_path, backbone), lambda m, c: reports.append((m, c)), tmp_path / "ckpt")
