@@ -23,6 +23,7 @@ from mgd_ray.data.datasets import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, voc_pa
 from mgd_ray.data.stream import JobData
 from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgd_ray.distributed import unwrap
+from mgd_ray.files import atomic_write
 from mgd_ray.models.deeplab import DeepLabV3Plus, build_segmenter
 
 CHECKPOINT_FORMAT = "mgd_ray.segmenter/1"
@@ -174,9 +175,9 @@ def save_state(directory: Path, state: dict[str, Any]) -> Path:
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / HISTORY_FILE).write_text(json.dumps(state.get("history", []), indent=1))
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save({k: v for k, v in state.items() if k != "history"}, tmp)
-    tmp.replace(directory / STATE_FILE)
+    atomic_write(
+        directory / STATE_FILE, lambda tmp: torch.save({k: v for k, v in state.items() if k != "history"}, tmp)
+    )
     return directory
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import get_args
 
 from mgd_ray.config import BackboneName
+from mgd_ray.files import atomic_write
 
 BACKBONES: tuple[str, ...] = get_args(BackboneName)
 
@@ -115,9 +116,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     study = _load_study_text(text, str(out))
     if study is None:  # a bug, not the user's: the template must always validate
         return 1
-    temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(out)
+    atomic_write(out, lambda temporary: temporary.write_text(text))
     print(
         f"wrote {out}: study {study.name!r} of {args.data}; check it with `mgd-ray data check {out}`, run it with `mgd-ray run {out}`"
     )

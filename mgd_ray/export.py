@@ -10,8 +10,6 @@ PyTorch before the file is renamed into place, so a file that exists is one that
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from mgd_ray.files import atomic_write
 from mgd_ray.models.deeplab import DeepLabV3Plus, LogitsOnly
 from mgd_ray.predict import Segmenter, load_checkpoint
 
@@ -44,19 +43,7 @@ def _atomic_write(out: Path, write: Callable[[Path], None]) -> Path:
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: is a folder; --out names the file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(descriptor)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        temporary.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the exported model private
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, write)
 
 
 def _check(run: Callable[[np.ndarray], np.ndarray], model: nn.Module, what: str) -> None:

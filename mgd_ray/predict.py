@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mgd_ray.checkpoint import CHECKPOINT_FORMAT, MODEL_FILE, CheckpointError, SegmenterRecord, read_segmenter, rebuild
 from mgd_ray.data.datasets import DatasetError, image_files, load_image
+from mgd_ray.data.transforms import normalise_uint8
 from mgd_ray.metrics import sliding_window_logits
 from mgd_ray.models.deeplab import DeepLabV3Plus
 from mgd_ray.plots import overlay
@@ -77,10 +78,7 @@ class Segmenter(SegmenterRecord):
 
     def normalise(self, images: Sequence[np.ndarray]) -> Tensor:
         """Same-size H×W×3 uint8 images → normalised (N, 3, H, W) float batch on the model's device."""
-        x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return normalise_uint8(torch.from_numpy(np.stack(images)).to(self.device), self.mean, self.std)
 
 
 # ---------------------------------------------------------------------------- finding and loading a model

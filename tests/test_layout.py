@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).parents[1] / "mgd_ray"
 
 # Data flows one way: a module imports only from its own layer or the layers before it.
 LAYERS = [
-    ("config", "distributed"),
+    ("config", "distributed", "files"),
     ("data",),
     ("models",),
     ("losses", "metrics", "checkpoint"),
@@ -23,6 +23,7 @@ LAYERS = [
 RAY_FREE = (
     "config",
     "distributed",
+    "files",
     "data",
     "models",
     "losses",

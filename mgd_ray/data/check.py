@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from mgd_ray.config import DataConfig
 from mgd_ray.data.datasets import IGNORE_INDEX, DatasetError, load_mask
 from mgd_ray.data.partitions import manifest_meta, read_manifest
 from mgd_ray.data.stream import prepare_manifest
+from mgd_ray.files import atomic_write
 
 CACHE_FORMAT = "mgd_ray.data_check/1"
 CACHE_FILE = ".mgd_ray_check.json"
@@ -146,11 +146,9 @@ class VerdictCache:
         """Written atomically; a read-only dataset folder just goes without a cache."""
         if self.path is None:
             return
+        text = json.dumps({"format": CACHE_FORMAT, "entries": self.entries})
         try:
-            descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            with os.fdopen(descriptor, "w") as f:
-                json.dump({"format": CACHE_FORMAT, "entries": self.entries}, f)
-            os.replace(temporary, self.path)
+            atomic_write(self.path, lambda temporary: temporary.write_text(text))
         except OSError:
             pass
 

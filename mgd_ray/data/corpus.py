@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mgd_ray.data.builtin import BUILTIN_CLASSES, GENERATOR_VERSION, SPLITS, scene_image
+from mgd_ray.files import atomic_write
 
 CORPUS_STREAM = 9  # the corpus's RNG stream; a target split's is its index in SPLITS (0, 1, 2)
 MIN_VISIBLE = 0.02  # share of the pixels a class must cover to count as present
@@ -71,13 +70,5 @@ def load_corpus(spec: CorpusSpec, cache: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as stored:
             return stored["images"], stored["targets"]
     images, targets = generate_corpus(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(descriptor)
-    try:
-        np.savez(temporary, images=images, targets=targets)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    atomic_write(path, lambda temporary: np.savez(temporary, images=images, targets=targets), suffix=".tmp.npz")
     return images, targets

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -34,6 +32,7 @@ from mgd_ray.data.datasets import (
     read_pair_list,
     voc_samples,
 )
+from mgd_ray.files import atomic_write
 
 SPLITS_DIR = Path(__file__).with_name("splits")
 STANDARD_FRACTIONS = ("1-16", "1-8", "1-4", "1-2")
@@ -239,17 +238,7 @@ def manifest_meta(table: pa.Table) -> dict:
 
 def write_manifest(table: pa.Table, path: Path) -> Path:
     """Write atomically (temporary file in the same folder, then rename) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return atomic_write(path, lambda temporary: pq.write_table(table, temporary))
 
 
 def read_manifest(path: Path) -> pa.Table:

@@ -25,6 +25,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
 
 
+def normalise_uint8(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images → (N, 3, H, W) float ``(x / 255 - mean) / std`` on their device.
+
+    The one normalisation of batches that skip the per-sample transforms: serving, prediction and
+    pretraining, so a model sees the same input everywhere.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(
+        1, 3, 1, 1
+    )
+
+
 class RandomScale(v2.Transform):
     """Resize by a factor drawn uniformly from `scales` to (int(h·s), int(w·s)) as CPS does.
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from mgd_ray.checkpoint import save_state
 from mgd_ray.config import PretrainJobConfig
 from mgd_ray.data.corpus import CorpusSpec, load_corpus
-from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mgd_ray.data.transforms import normalise_uint8
 from mgd_ray.distributed import DistEnv, all_reduce_mean, dist_env, unwrap, wrap_model
 from mgd_ray.jobs.loop import Progress, Reporter, make_optimizer, rng_state, set_rng_state
 from mgd_ray.models.backbones import build_backbone
@@ -45,10 +45,7 @@ class PresenceClassifier(nn.Module):
 
 def to_batch(images: np.ndarray, device: torch.device) -> Tensor:
     """uint8 N×H×W×3 → normalised N×3×H×W float, as the segmentation jobs normalise."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise_uint8(torch.from_numpy(images).to(device))
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:

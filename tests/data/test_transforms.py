@@ -12,6 +12,7 @@ from mgd_ray.data.transforms import (
     box_mask,
     cutmix,
     eval_transform,
+    normalise_uint8,
     train_transform,
 )
 
@@ -209,3 +210,13 @@ def test_cutmix_takes_u1_inside_the_boxes():
     mixed = cutmix(u0, u1, mask)
     assert mixed[0, :, 0, 0].tolist() == [-1.0, -1.0] and mixed[0, :, 0, 1].tolist() == [3.0, 3.0]
     assert mixed[0, 1].tolist() == [[-1.0, 3.0], [3.0, -1.0]]
+
+
+def test_normalise_uint8_is_the_eval_transform_by_hand():
+    images = torch.tensor([[[[0, 255, 51], [102, 153, 204]]]], dtype=torch.uint8)  # N=1, H=1, W=2, RGB
+    x = normalise_uint8(images, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
+    assert x.shape == (1, 3, 1, 2)
+    # red: (0/255 - .5)/.5 = -1, (102/255 - .5)/.5 = -0.2; green: (1 - .25)/.25 = 3, (.6 - .25)/.25 = 1.4;
+    # blue: .2/2 = 0.1, .8/2 = 0.4
+    expected = torch.tensor([[[[-1.0, -0.2]], [[3.0, 1.4]], [[0.1, 0.4]]]])
+    torch.testing.assert_close(x, expected)
