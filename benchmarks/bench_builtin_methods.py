@@ -1,20 +1,33 @@
-"""Sup-only, KD and MGD students over several seeds on the built-in dataset, beside their CPS teachers.
+"""Every student method over several seeds on the built-in dataset, beside their CPS teachers (issue 23).
 
-The quickstart runs each method once; one seed moves a from-scratch student by several mIoU, so
-whether MGD beats the baselines at a given budget needs repeats. This pretrains T_D (ResNet-34)
-and T_W (ResNet-18) with CPS as the quickstart does (or reuses `--teachers DIR` holding
-T_D/model.pt and T_W/model.pt), then trains a MobileNetV2 student with each method on every seed,
-all as the package's own jobs in plain loops (no Ray, two processes at a time), and prints the
-best val mIoU per seed with mean ± std. The defaults are the quickstart's data, recipes and loss
-weights; `--teacher-iterations` / `--student-iterations` scale the budget. Not a test.
+The quickstart runs each method once; one seed moves a small student by several mIoU, so whether
+MGD beats the baselines at a given budget needs repeats. This trains T_D (ResNet-34) and T_W
+(ResNet-18) with CPS as the quickstart does (or reuses `--teachers DIR` holding T_D/model.pt and
+T_W/model.pt), then a MobileNetV2 student with each method on every seed, all as the package's own
+jobs in plain loops (no Ray, two processes of one thread each). It prints a table laid out like the
+paper's Table 1 (teachers, Sup-only, Mean Teacher, CPS, KD, MGD; GFLOPs and params at the crop),
+the ablation of its Table 5a (L_P, L_P + L_I, L_P + L_R, L_P + L_I + L_R), and MGD's lead over the
+best baseline paired by seed, with the standard error of that difference.
 
-    python benchmarks/bench_builtin_methods.py [--teacher-iterations 120 150] [--student-iterations 120] \\
-        [--eval-every 40] [--seeds 0 1 2] [--methods supervised kd mgd] [--teachers DIR] [--out DIR]
+`--init builtin` starts every network from the built-in corpus' pretraining, as a study with
+`pretrained: builtin` does: the backbones are pretrained here with the study default recipe
+(`PretrainRecipe`), or reused from `--pretrained DIR` holding DIR/<backbone>.pt (what
+bench_pretrain_protocol.py writes to OUT/pretrained with its defaults). Not a test.
+
+The defaults are the quickstart's (studies/quickstart.yaml): pretrained networks, 1/16 labeled,
+teachers 240 iterations, students 120, its loss weights, seeds 0-4 and every method (~30 min on
+2 cores); `--init scratch --teacher-iterations 120 150 --lambda-2 50` is the from-scratch setting
+the README's "without pretraining" row measured.
+
+    python benchmarks/bench_builtin_methods.py [--init scratch|builtin] [--pretrained DIR] [--partition 1/16] \\
+        [--teacher-iterations 240 240] [--student-iterations 120] [--eval-every 40] [--seeds 0 1 2 3 4] \\
+        [--methods supervised kd mgd ...] [--lambda-1 L1] [--lambda-2 L2] [--pool-size H] [--teachers DIR] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import shutil
 import statistics
@@ -26,8 +39,28 @@ from pathlib import Path
 from typing import Any
 
 TEACHERS = {"T_D": "resnet34", "T_W": "resnet18"}
-# The quickstart's student loss weights (studies/quickstart.yaml: the official MobileNetV2 ones).
-MGD_LOSSES = {"image_teachers": ["T_D"], "region_teachers": ["T_W"], "lambda_1": 0.0005, "lambda_2": 50, "pool_size": 4}
+STUDENT = "mobilenet_v2"
+# The quickstart's student loss weights (studies/quickstart.yaml).
+MGD_LOSSES = {"image_teachers": ["T_D"], "region_teachers": ["T_W"], "lambda_1": 0.0005, "lambda_2": 5, "pool_size": 4}
+# Table 5a: the pixel-level term alone, then with the image-level (T_D) and/or region-level (T_W) term.
+ABLATION = {
+    "mgd_P": {"image_teachers": [], "region_teachers": []},
+    "mgd_PI": {"region_teachers": []},
+    "mgd_PR": {"image_teachers": []},
+    "mgd": {},
+}
+BASELINES = ["supervised", "mean_teacher", "cps", "kd"]
+METHODS = BASELINES + list(ABLATION)
+LABELS = {
+    "supervised": "Sup-only",
+    "mean_teacher": "Mean Teacher",
+    "cps": "CPS (student pair)",
+    "kd": "KD (T_D)",
+    "mgd_P": "MGD L_P",
+    "mgd_PI": "MGD L_P + L_I",
+    "mgd_PR": "MGD L_P + L_R",
+    "mgd": "MGD L_P + L_I + L_R",
+}
 
 
 def data_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,8 +85,41 @@ def schedule(iterations: int, eval_every: int, seed: int) -> dict[str, Any]:
     }
 
 
+def weights(args: argparse.Namespace, backbone: str) -> Path:
+    return args.pretrained / f"{backbone}.pt"
+
+
+def model(backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {"backbone": backbone} | ({"pretrained": str(weights(args, backbone))} if args.init == "builtin" else {})
+
+
+def pretrain(backbone: str, args: argparse.Namespace) -> tuple[str, dict[str, float], float]:
+    """Pretrain one backbone with the study default recipe; its weights go to pretrained/<backbone>.pt."""
+    import torch
+
+    from mgd_ray.config import PretrainJobConfig
+    from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
+    from mgd_ray.study.config import PretrainRecipe
+
+    torch.set_num_threads(1)
+    recipe = PretrainRecipe()
+    cfg = PretrainJobConfig(
+        corpus=recipe.corpus,
+        model={"backbone": backbone},
+        optim=recipe.optim,
+        schedule=recipe.schedule,
+        cache=args.pretrained / "corpus",
+    )
+    final: dict[str, float] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mgd_pretrain_{backbone}_") as tmp:
+        run_pretrain(cfg, lambda metrics, _: final.update(metrics), Path(tmp))
+        shutil.copy(Path(tmp) / f"step_{recipe.schedule.iterations:08d}" / BACKBONE_FILE, weights(args, backbone))
+    return backbone, final, time.perf_counter() - start
+
+
 def train_teacher(role: str, args: argparse.Namespace, iterations: int) -> tuple[str, float, float]:
-    """CPS-pretrain one teacher with the quickstart's recipe; its final network goes to out/role/model.pt."""
+    """CPS-train one teacher with the quickstart's recipe; its final network goes to out/role/model.pt."""
     import torch
 
     from mgd_ray.config import parse_job_config
@@ -64,7 +130,7 @@ def train_teacher(role: str, args: argparse.Namespace, iterations: int) -> tuple
         "teacher",
         {
             "data": data_config(args),
-            "model": {"backbone": TEACHERS[role]},
+            "model": model(TEACHERS[role], args),
             "optim": {"optimizer": "adamw", "lr": args.lr},
             "schedule": schedule(iterations, max(1, iterations // 2), 0),
             "cps_rampup": 0.5,
@@ -88,13 +154,14 @@ def train_student(method: str, seed: int, args: argparse.Namespace, teachers: Pa
     from mgd_ray.jobs.distill import run_distill
 
     torch.set_num_threads(1)
+    # Frozen teachers are rebuilt from their checkpoints: no pretrained weights to load.
     refs = {
         role: {"model": {"backbone": bb}, "checkpoint": str(teachers / role / "model.pt")}
         for role, bb in TEACHERS.items()
     }
     base = {
         "data": data_config(args),
-        "student": {"backbone": "mobilenet_v2"},
+        "student": model(STUDENT, args),
         "optim": {"optimizer": "adamw", "lr": args.lr},
         "schedule": schedule(args.student_iterations, args.eval_every, seed),
     }
@@ -106,30 +173,56 @@ def train_student(method: str, seed: int, args: argparse.Namespace, teachers: Pa
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"mgd_bench_{method}_") as tmp:
-        if method == "mgd":
-            run_distill(parse_job_config("student", base | {"teachers": refs, "losses": MGD_LOSSES}), report, Path(tmp))
+        if method in ABLATION:
+            losses = MGD_LOSSES | args.weights | ABLATION[method]
+            run_distill(parse_job_config("student", base | {"teachers": refs, "losses": losses}), report, Path(tmp))
         else:
             extra = {"method": method} | ({"teacher": refs["T_D"]} if method == "kd" else {})
             run_baseline(parse_job_config("baseline", base | extra), report, Path(tmp))
     return method, seed, 100 * best, time.perf_counter() - start
 
 
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-seed difference a − b (nan SE with one seed)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se
+
+
+def mean_std(scores: list[float]) -> str:
+    std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    return f"{statistics.fmean(scores):.1f} ± {std:.1f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher-iterations", nargs=2, type=int, default=[120, 150], metavar=("T_D", "T_W"))
+    ap.add_argument("--init", choices=["scratch", "builtin"], default="builtin")
+    ap.add_argument("--pretrained", type=Path, help="reuse DIR/<backbone>.pt (with --init builtin)")
+    ap.add_argument("--teacher-iterations", nargs=2, type=int, default=[240, 240], metavar=("T_D", "T_W"))
     ap.add_argument("--student-iterations", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--partition", default="1/16")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", choices=["supervised", "kd", "mgd"], default=["supervised", "kd", "mgd"])
-    ap.add_argument("--teachers", type=Path, help="reuse DIR/T_D/model.pt and DIR/T_W/model.pt instead of pretraining")
-    ap.add_argument("--out", type=Path, help="where pretrained teachers are written (default: a temporary folder)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    ap.add_argument("--lambda-1", type=float, help=f"image-level weight (default {MGD_LOSSES['lambda_1']})")
+    ap.add_argument("--lambda-2", type=float, help=f"region-level weight (default {MGD_LOSSES['lambda_2']})")
+    ap.add_argument("--pool-size", type=int, help=f"region pool size H_v (default {MGD_LOSSES['pool_size']})")
+    ap.add_argument("--teachers", type=Path, help="reuse DIR/T_D/model.pt and DIR/T_W/model.pt instead of training")
+    ap.add_argument("--out", type=Path, help="where trained teachers are written (default: a temporary folder)")
     ap.add_argument("--data", type=Path, help="built-in dataset folder (default: a temporary folder)")
     args = ap.parse_args()
+    args.weights = {
+        k: v
+        for k, v in (("lambda_1", args.lambda_1), ("lambda_2", args.lambda_2), ("pool_size", args.pool_size))
+        if v is not None
+    }
+    if args.pretrained is not None and args.init != "builtin":
+        ap.error("--pretrained needs --init builtin")
     scratch = Path(tempfile.mkdtemp(prefix="mgd_bench_methods_"))
     args.data = (args.data or scratch / "builtin").absolute()
     args.out = (args.out or scratch / "teachers").absolute()
+    args.pretrained = (args.pretrained or scratch / "pretrained").absolute()
     if args.teachers is not None:
         missing = [
             str(args.teachers / r / "model.pt") for r in TEACHERS if not (args.teachers / r / "model.pt").is_file()
@@ -138,16 +231,29 @@ def main() -> int:
             ap.error(f"--teachers {args.teachers}: missing {', '.join(missing)}")
     source = f"from {args.teachers}" if args.teachers else f"{args.teacher_iterations} iterations, saved to {args.out}"
     print(
-        f"Built-in dataset 32 px, 4 classes, {args.partition} labeled; teachers {source}; "
-        f"students {args.student_iterations} iterations (eval every {args.eval_every}), seeds {args.seeds}",
+        f"Built-in dataset 32 px, 4 classes, {args.partition} labeled; init {args.init}; teachers {source}; "
+        f"students {args.student_iterations} iterations (eval every {args.eval_every}), seeds {args.seeds}; "
+        f"MGD weights {MGD_LOSSES | args.weights}",
         flush=True,
     )
-    from mgd_ray.config import DataConfig
+    from mgd_ray.config import DataConfig, ModelConfig
     from mgd_ray.data.stream import prepare_manifest
+    from mgd_ray.models.complexity import segmenter_cost
 
     # Generate the data once here, rather than in two worker processes at the same time.
     prepare_manifest(DataConfig.model_validate(data_config(args)))
+    teacher_miou: dict[str, float] = {}
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        if args.init == "builtin":
+            args.pretrained.mkdir(parents=True, exist_ok=True)
+            wanted = ([] if args.teachers else list(TEACHERS.values())) + [STUDENT]
+            for done in [pool.submit(pretrain, b, args) for b in wanted if not weights(args, b).is_file()]:
+                backbone, final, secs = done.result()
+                print(
+                    f"  pretrained {backbone}: label accuracy {100 * final['pretrain/label_accuracy']:.1f} %, "
+                    f"mAP {100 * final['pretrain/mAP']:.1f} %, {secs:.0f} s",
+                    flush=True,
+                )
         teachers = args.teachers
         if teachers is None:
             jobs = [
@@ -156,6 +262,7 @@ def main() -> int:
             ]
             for job in jobs:
                 role, miou, secs = job.result()
+                teacher_miou[role] = miou
                 print(
                     f"  teacher {role} ({TEACHERS[role]}): {miou:.1f} mIoU at its last step, {secs:.0f} s", flush=True
                 )
@@ -165,13 +272,24 @@ def main() -> int:
         for job in jobs:
             method, seed, miou, secs = job.result()
             results[method].append(miou)
-            print(f"  {method:10s} seed {seed}: best {miou:.1f} mIoU, {secs:.0f} s", flush=True)
-    print(f"\n{'method':10s} {'mean ± std':>12s}  per seed {args.seeds}")
+            print(f"  {method:12s} seed {seed}: best {miou:.1f} mIoU, {secs:.0f} s", flush=True)
+
+    def cost(backbone: str) -> str:
+        params, gflops = segmenter_cost(ModelConfig(backbone=backbone), 4, 32)
+        return f"{gflops:7.3f} {params:7.2f}"
+
+    print(f"\n{'method':22s} {'GFLOPs':>7s} {'params':>7s} {'mIoU':>12s}  per seed {args.seeds}  (at 32², 4 classes)")
+    for role, miou in teacher_miou.items():
+        print(f"{'teacher ' + role + ' ' + TEACHERS[role]:22s} {cost(TEACHERS[role])} {miou:12.1f}  (last step)")
     for method, scores in results.items():
-        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        print(
-            f"{method:10s} {f'{statistics.fmean(scores):.1f} ± {std:.1f}':>12s}  {', '.join(f'{s:.1f}' for s in scores)}"
-        )
+        per_seed = ", ".join(f"{s:.1f}" for s in scores)
+        print(f"{LABELS[method]:22s} {cost(STUDENT)} {mean_std(scores):>12s}  {per_seed}")
+    if "mgd" in results and len(args.seeds) > 1:
+        print("\nMGD − baseline, paired by seed (mean ± standard error; the issue asks for mean > 2 SE):")
+        for base in [b for b in BASELINES + ["mgd_P", "mgd_PI", "mgd_PR"] if b in results]:
+            diff, se = paired(results["mgd"], results[base])
+            verdict = "lead > 2 SE" if diff > 2 * se else "not significant"
+            print(f"  vs {LABELS[base]:20s} {diff:+.2f} ± {se:.2f}  ({verdict})")
     return 0
 
 

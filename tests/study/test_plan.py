@@ -6,7 +6,7 @@ import pytest
 
 from mgd_ray import tracking
 from mgd_ray.study.config import Resources, load_study
-from mgd_ray.study.plan import Plan, teacher_key, trial_job
+from mgd_ray.study.plan import Plan, pretrain_key, pretrained_architectures, teacher_key, trial_job
 from mgd_ray.train import scaling_config
 
 QUICKSTART = Path(__file__).parents[2] / "studies" / "quickstart.yaml"
@@ -48,7 +48,10 @@ def test_scaling_config_reserves_each_workers_cpus_and_gpus():
 def test_trial_job_names_each_stages_job_and_its_mlflow_run(tmp_path):
     study = load_study(QUICKSTART).model_copy(update={"seeds": (0, 3)})
     plan = Plan(study, tmp_path, "sqlite://", "1", "parent", {"T_D": tmp_path / "td.pt", "T_W": tmp_path / "tw.pt"})
+    for model in pretrained_architectures(study, ["T_D", "T_W"]):  # what stage_pretrain leaves
+        plan.pretrained[pretrain_key(study, model)] = tmp_path / f"{model.backbone}.pt"
     teacher = trial_job(plan, {"stage": "teachers", "job": {"teacher": "T_W"}})
+    assert teacher.cfg.model.pretrained == str(tmp_path / "resnet18.pt")
     assert (teacher.key, teacher.name, teacher.kind, teacher.teacher) == (
         "parent/teacher/T_W",
         "teacher T_W",
@@ -63,6 +66,7 @@ def test_trial_job_names_each_stages_job_and_its_mlflow_run(tmp_path):
     kd = trial_job(plan, {"stage": "teachers", "job": {"stage": "baselines", "baseline": 1, "seed": 3}})
     assert (kd.key, kd.kind, kd.cfg.method, kd.cfg.schedule.seed) == ("parent/baseline/kd[T_D]/3", "baseline", "kd", 3)
     assert kd.cfg.teacher.checkpoint == tmp_path / "td.pt" and kd.cfg.output == tmp_path / "baselines" / "kd[T_D]-s3"
+    assert kd.cfg.student.pretrained == str(tmp_path / "mobilenet_v2.pt")
     searched = {"stage": "search", "seed": 0, "lambda_1": 0.001, "lambda_2": 20.0, "pool_size": 2}
     with pytest.raises(ValueError, match="needs its Tune trial id"):
         trial_job(plan, searched)
@@ -90,14 +94,16 @@ def test_teacher_key_follows_the_images_roles():
 
 def test_builtin_pretraining_is_keyed_resolved_and_keys_the_teachers(tmp_path):
     from mgd_ray.config import ModelConfig, PretrainScheduleConfig
-    from mgd_ray.study.plan import pretrain_key, pretrained_architectures
 
-    study = load_study(QUICKSTART)
-    builtin = {"pretrained": "builtin"}
+    pretrained = load_study(QUICKSTART)  # every network pretrained on the corpus (pretrained: builtin)
+    assert {t.model.pretrained for t in pretrained.teachers.values()} | {pretrained.student.pretrained} == {"builtin"}
+    scratch = {"pretrained": None}
     teachers = {
-        n: t.model_copy(update={"model": t.model.model_copy(update=builtin)}) for n, t in study.teachers.items()
+        n: t.model_copy(update={"model": t.model.model_copy(update=scratch)}) for n, t in pretrained.teachers.items()
     }
-    pretrained = study.model_copy(update={"teachers": teachers, "student": study.student.model_copy(update=builtin)})
+    study = pretrained.model_copy(
+        update={"teachers": teachers, "student": pretrained.student.model_copy(update=scratch)}
+    )
     # student mobilenet_v2 and T_D resnet34, T_W resnet18: one pretraining each
     assert [m.backbone for m in pretrained_architectures(pretrained, ["T_D", "T_W"])] == [
         "mobilenet_v2",

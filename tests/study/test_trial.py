@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from mgd_ray import tracking
 from mgd_ray.study import trial
 from mgd_ray.study.config import load_study
-from mgd_ray.study.plan import Plan
+from mgd_ray.study.plan import Plan, pretrain_key, pretrained_architectures
 
 QUICKSTART = Path(__file__).parents[2] / "studies" / "quickstart.yaml"
 
@@ -38,6 +38,10 @@ def test_a_stopped_or_failed_trial_leaves_no_checkpoint_folder_of_its_job(tmp_pa
     exp = client.create_experiment("stopped")
     parent = client.create_run(exp, tags={tracking.KIND_TAG: "study"}).info.run_id
     plan = Plan(load_study(QUICKSTART), tmp_path, uri, exp, parent)
+    for model in pretrained_architectures(
+        plan.study, []
+    ):  # the student's corpus weights, as stage_pretrain leaves them
+        plan.pretrained[pretrain_key(plan.study, model)] = tmp_path / f"{model.backbone}.pt"
     made = []
 
     class Stopped:
