@@ -274,12 +274,17 @@ def output_names(images: Sequence[Path]) -> list[tuple[str, str]]:
     return [(f"{p.stem}.png", f"{p.stem}_overlay.png") for p in images]
 
 
-def save_mask(labels: np.ndarray, palette: Sequence[tuple[int, int, int]], path: Path) -> None:
-    """A P-mode PNG: pixel values are class ids, shown in the palette's colours."""
+def mask_image(labels: np.ndarray, palette: Sequence[tuple[int, int, int]]) -> Image.Image:
+    """A P-mode image: pixel values are class ids, shown in the palette's colours."""
     mask = Image.fromarray(labels.astype(np.uint8))
     colours = [c for colour in palette for c in colour][: 256 * 3]
     mask.putpalette(colours + [0] * (256 * 3 - len(colours)))  # a full palette: PIL writes 8-bit indices
-    mask.save(path)
+    return mask
+
+
+def save_mask(labels: np.ndarray, palette: Sequence[tuple[int, int, int]], path: Path) -> None:
+    """``mask_image`` as a PNG file."""
+    mask_image(labels, palette).save(path)
 
 
 def predict_files(

@@ -30,7 +30,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from mgd_ray.checkpoint import MODEL_FILE
-from mgd_ray.predict import Segmenter, load_checkpoint, predict_labels, save_mask
+from mgd_ray.predict import Segmenter, load_checkpoint, mask_image, predict_labels
 from mgd_ray.tracking import client_for
 
 PACKAGE = Path(__file__).parent
@@ -90,10 +90,9 @@ def decode_image(data: bytes, row: int) -> np.ndarray:
 
 def encode_mask(labels: np.ndarray, palette: Any) -> bytes:
     """A P-mode PNG of class ids (as ``mgd-ray predict`` writes it), as bytes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "mask.png"
-        save_mask(labels, palette, path)
-        return path.read_bytes()
+    buffer = io.BytesIO()
+    mask_image(labels, palette).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def served_requirements() -> list[str]:

@@ -206,19 +206,43 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
     return metrics
 
 
+def resume_state(
+    module: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, step: int
+) -> dict[str, Any]:
+    """What a job needs to continue from ``step`` as if never stopped: weights, optimiser, schedule, RNG."""
+    return {
+        "step": step,
+        "model": unwrap(module).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def restore_state(
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    resume: dict[str, Any] | None,
+) -> tuple[int, list[dict[str, float]]]:
+    """``resume_state``'s contents back into the job: (its step, its history); (0, []) for a fresh job."""
+    if resume is None:
+        return 0, []
+    unwrap(module).load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    set_rng_state(resume["rng"])
+    return int(resume["step"]), list(resume["history"])
+
+
 def _restore(
     spec: FitSpec, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, resume: dict[str, Any] | None
 ) -> tuple[int, list[dict[str, float]]]:
     """Model, optimiser, scheduler, RNG and the job's own state from ``resume``: (its step, its history)."""
-    if resume is None:
-        return 0, []
-    unwrap(spec.module).load_state_dict(resume["model"])
-    opt.load_state_dict(resume["optimizer"])
-    sched.load_state_dict(resume["scheduler"])
-    set_rng_state(resume["rng"])
-    if spec.load_extra_state is not None:
+    restored = restore_state(spec.module, opt, sched, resume)
+    if resume is not None and spec.load_extra_state is not None:
         spec.load_extra_state(resume["extra"])
-    return int(resume["step"]), list(resume["history"])
+    return restored
 
 
 def _evaluate_all(
@@ -255,12 +279,7 @@ def _save_checkpoint(
         # branches with AdamW's moments are several times the exported network).
         save_state(ckpt_dir, {"step": step, "final": True, "history": history})
         return ckpt_dir
-    state = {
-        "step": step,
-        "model": unwrap(spec.module).state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "rng": rng_state(),
+    state = resume_state(spec.module, opt, sched, step) | {
         "extra": spec.extra_state() if spec.extra_state is not None else {},
         "history": history,
         "drawn": drawn,

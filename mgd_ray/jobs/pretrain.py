@@ -23,7 +23,7 @@ from mgd_ray.config import PretrainJobConfig
 from mgd_ray.data.corpus import CorpusSpec, load_corpus
 from mgd_ray.data.transforms import normalise_uint8
 from mgd_ray.distributed import DistEnv, all_reduce_mean, dist_env, unwrap, wrap_model
-from mgd_ray.jobs.loop import Progress, Reporter, make_optimizer, rng_state, set_rng_state
+from mgd_ray.jobs.loop import Progress, Reporter, make_optimizer, restore_state, resume_state
 from mgd_ray.models.backbones import build_backbone
 
 BACKBONE_FILE = "backbone.pt"
@@ -123,13 +123,7 @@ def run_pretrain(
     model = wrap_model(PresenceClassifier(backbone, len(spec.labels)), env)
     schedule = cfg.schedule
     opt, sched = make_optimizer(model.parameters(), cfg.optim, schedule.iterations, env)
-    start, history = 0, []
-    if resume is not None:
-        unwrap(model).load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
-        start, history = int(resume["step"]), list(resume["history"])
+    start, history = restore_state(model, opt, sched, resume)
     progress = Progress(f"pretrain/{cfg.model.backbone}", schedule.iterations, start, env)
     losses: list[float] = []
     metrics: dict[str, float] = {}
@@ -158,17 +152,9 @@ def run_pretrain(
         ckpt_dir = None
         if env.is_main:
             ckpt_dir = checkpoint_root / f"step_{step:08d}"
-            state: dict[str, Any] = {"step": step, "history": history}
-            if step == schedule.iterations:
-                state["final"] = True
-            else:
-                state |= {
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": rng_state(),
-                }
-            save_state(ckpt_dir, state)
+            last = step == schedule.iterations  # the last state resumes nothing: history only, as fit's
+            state = {"step": step, "final": True} if last else resume_state(model, opt, sched, step)
+            save_state(ckpt_dir, state | {"history": history})
             torch.save(backbone_record(model, cfg, metrics), ckpt_dir / BACKBONE_FILE)
         report(metrics, ckpt_dir)
     return metrics

@@ -125,7 +125,8 @@ def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
     ]
     info: dict[str, dict[str, Any]] = {}
     to_train = []
-    for model in pretrained_architectures(plan.study, teachers):
+    models = pretrained_architectures(plan.study, teachers)
+    for model in models:
         key, label = pretrain_key(plan.study, model), pretrain_label(model)
         run = tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key)
         if run is None:
@@ -146,7 +147,7 @@ def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
                 raise RuntimeError(f"pretraining of {label} finished but its MLflow run is missing")
             plan.pretrained[key] = plan.root / "pretrained" / label / BACKBONE_FILE
             info[label] = {"source": "pretrained in this study", "run_id": run.info.run_id}
-    for model in pretrained_architectures(plan.study, teachers):
+    for model in models:
         entry = info[pretrain_label(model)]
         entry["path"] = str(plan.pretrained[pretrain_key(plan.study, model)])
         metrics = client.get_run(entry["run_id"]).data.metrics
