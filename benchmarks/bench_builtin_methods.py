@@ -38,6 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from builtin_setup import data_config, pretrain_backbone, schedule
+
 TEACHERS = {"T_D": "resnet34", "T_W": "resnet18"}
 STUDENT = "mobilenet_v2"
 # The quickstart's student loss weights (studies/quickstart.yaml).
@@ -63,59 +65,12 @@ LABELS = {
 }
 
 
-def data_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "dataset": "builtin",
-        "root": str(args.data),
-        "partition": args.partition,
-        "builtin": {"num_train": 256, "num_val": 64, "size": 32, "num_classes": 4},
-        "crop_size": 32,
-        "scales": [0.75, 1.0, 1.25],
-    }
-
-
-def schedule(iterations: int, eval_every: int, seed: int) -> dict[str, Any]:
-    return {
-        "iterations": iterations,
-        "eval_every": eval_every,
-        "batch_labeled": 4,
-        "batch_unlabeled": 4,
-        "eval_batch": 32,
-        "seed": seed,
-    }
-
-
 def weights(args: argparse.Namespace, backbone: str) -> Path:
     return args.pretrained / f"{backbone}.pt"
 
 
 def model(backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"backbone": backbone} | ({"pretrained": str(weights(args, backbone))} if args.init == "builtin" else {})
-
-
-def pretrain(backbone: str, args: argparse.Namespace) -> tuple[str, dict[str, float], float]:
-    """Pretrain one backbone with the study default recipe; its weights go to pretrained/<backbone>.pt."""
-    import torch
-
-    from mgd_ray.config import PretrainJobConfig
-    from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
-    from mgd_ray.study.config import PretrainRecipe
-
-    torch.set_num_threads(1)
-    recipe = PretrainRecipe()
-    cfg = PretrainJobConfig(
-        corpus=recipe.corpus,
-        model={"backbone": backbone},
-        optim=recipe.optim,
-        schedule=recipe.schedule,
-        cache=args.pretrained / "corpus",
-    )
-    final: dict[str, float] = {}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"mgd_pretrain_{backbone}_") as tmp:
-        run_pretrain(cfg, lambda metrics, _: final.update(metrics), Path(tmp))
-        shutil.copy(Path(tmp) / f"step_{recipe.schedule.iterations:08d}" / BACKBONE_FILE, weights(args, backbone))
-    return backbone, final, time.perf_counter() - start
 
 
 def train_teacher(role: str, args: argparse.Namespace, iterations: int) -> tuple[str, float, float]:
@@ -129,7 +84,7 @@ def train_teacher(role: str, args: argparse.Namespace, iterations: int) -> tuple
     cfg = parse_job_config(
         "teacher",
         {
-            "data": data_config(args),
+            "data": data_config(args.data, args.partition),
             "model": model(TEACHERS[role], args),
             "optim": {"optimizer": "adamw", "lr": args.lr},
             "schedule": schedule(iterations, max(1, iterations // 2), 0),
@@ -160,7 +115,7 @@ def train_student(method: str, seed: int, args: argparse.Namespace, teachers: Pa
         for role, bb in TEACHERS.items()
     }
     base = {
-        "data": data_config(args),
+        "data": data_config(args.data, args.partition),
         "student": model(STUDENT, args),
         "optim": {"optimizer": "adamw", "lr": args.lr},
         "schedule": schedule(args.student_iterations, args.eval_every, seed),
@@ -239,15 +194,20 @@ def main() -> int:
     from mgd_ray.config import DataConfig, ModelConfig
     from mgd_ray.data.stream import prepare_manifest
     from mgd_ray.models.complexity import segmenter_cost
+    from mgd_ray.study.config import PretrainRecipe
 
     # Generate the data once here, rather than in two worker processes at the same time.
-    prepare_manifest(DataConfig.model_validate(data_config(args)))
+    prepare_manifest(DataConfig.model_validate(data_config(args.data, args.partition)))
     teacher_miou: dict[str, float] = {}
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         if args.init == "builtin":
             args.pretrained.mkdir(parents=True, exist_ok=True)
             wanted = ([] if args.teachers else list(TEACHERS.values())) + [STUDENT]
-            for done in [pool.submit(pretrain, b, args) for b in wanted if not weights(args, b).is_file()]:
+            recipe = PretrainRecipe()  # the study default: what `pretrained: builtin` pretrains with
+            needed = [b for b in wanted if not weights(args, b).is_file()]
+            for done in [
+                pool.submit(pretrain_backbone, b, recipe, weights(args, b), args.pretrained / "corpus") for b in needed
+            ]:
                 backbone, final, secs = done.result()
                 print(
                     f"  pretrained {backbone}: label accuracy {100 * final['pretrain/label_accuracy']:.1f} %, "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import shutil
 import statistics
 import sys
 import tempfile
@@ -29,60 +28,26 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from builtin_setup import data_config, pretrain_backbone, schedule
+
 TEACHERS = {"T_D": "resnet34", "T_W": "resnet18"}
 STUDENT = "mobilenet_v2"
 GAP = 8.0  # mIoU points each condition asks for
 
 
-def data_config(args: argparse.Namespace, partition: str) -> dict[str, Any]:
-    return {
-        "dataset": "builtin",
-        "root": str(args.data),
-        "partition": partition,
-        "builtin": {"num_train": 256, "num_val": 64, "size": 32, "num_classes": 4},
-        "crop_size": 32,
-        "scales": [0.75, 1.0, 1.25],
-    }
+def recipe(args: argparse.Namespace) -> Any:
+    """The pretraining recipe the command line asks for (the study default when left alone)."""
+    from mgd_ray.study.config import PretrainRecipe
 
-
-def schedule(iterations: int, seed: int) -> dict[str, Any]:
-    every = max(1, iterations // 3)
-    return {
-        "iterations": iterations,
-        "eval_every": every,
-        "batch_labeled": 4,
-        "batch_unlabeled": 4,
-        "eval_batch": 32,
-        "seed": seed,
-    }
-
-
-def pretrain(backbone: str, args: argparse.Namespace) -> tuple[str, dict[str, float], float]:
-    """Pretrain one backbone; its weights go to out/pretrained/<backbone>.pt."""
-    import torch
-
-    from mgd_ray.config import PretrainJobConfig
-    from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
-
-    torch.set_num_threads(1)
-    cfg = PretrainJobConfig(
+    return PretrainRecipe(
         corpus={"num_images": args.corpus_images, "num_val": args.corpus_images // 10, "size": 32},
-        model={"backbone": backbone},
-        optim={"optimizer": "adamw", "lr": args.pretrain_lr},
+        optim={"optimizer": "adamw", "lr": args.pretrain_lr, "scale_lr_with_world_size": False},
         schedule={
             "iterations": args.pretrain_iterations,
             "batch": 64,
             "eval_every": max(1, args.pretrain_iterations // 3),
         },
-        cache=args.out / "corpus",
     )
-    final: dict[str, float] = {}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"mgd_pretrain_{backbone}_") as tmp:
-        run_pretrain(cfg, lambda metrics, _: final.update(metrics), Path(tmp))
-        (args.out / "pretrained").mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(tmp) / f"step_{args.pretrain_iterations:08d}" / BACKBONE_FILE, weights(args, backbone))
-    return backbone, final, time.perf_counter() - start
 
 
 def weights(args: argparse.Namespace, backbone: str) -> Path:
@@ -111,10 +76,10 @@ def run(job: tuple[str, str, str, int], args: argparse.Namespace) -> tuple[tuple
             cfg = parse_job_config(
                 "teacher",
                 {
-                    "data": data_config(args, partition),
+                    "data": data_config(args.data, partition),
                     "model": model(TEACHERS[what], init, args),
                     "optim": {"optimizer": "adamw", "lr": args.lr},
-                    "schedule": schedule(iterations, seed),
+                    "schedule": schedule(iterations, max(1, iterations // 3), seed),
                     "cps_rampup": 0.5,
                 },
             )
@@ -124,10 +89,10 @@ def run(job: tuple[str, str, str, int], args: argparse.Namespace) -> tuple[tuple
                 "baseline",
                 {
                     "method": "supervised",
-                    "data": data_config(args, partition),
+                    "data": data_config(args.data, partition),
                     "student": model(STUDENT, init, args),
                     "optim": {"optimizer": "adamw", "lr": args.lr},
-                    "schedule": schedule(args.student_iterations, seed),
+                    "schedule": schedule(args.student_iterations, max(1, args.student_iterations // 3), seed),
                 },
             )
             run_baseline(cfg, lambda metrics, _: last.update(metrics), Path(tmp))
@@ -164,14 +129,16 @@ def main() -> int:
     from mgd_ray.data.stream import prepare_manifest
 
     for partition in (args.partition, "all"):  # generated once here, not in two workers at once
-        prepare_manifest(DataConfig.model_validate(data_config(args, partition)))
+        prepare_manifest(DataConfig.model_validate(data_config(args.data, partition)))
     load_corpus(CorpusSpec(num_images=args.corpus_images, num_val=args.corpus_images // 10), args.out / "corpus")
     results: dict[tuple[str, str, str], list[float]] = {}
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         if "builtin" in args.inits:
             wanted = [TEACHERS[w] for w in args.what if w in TEACHERS] + ([STUDENT] if "sup" in args.what else [])
             needed = [b for b in wanted if not weights(args, b).is_file()]
-            for done in [pool.submit(pretrain, b, args) for b in needed]:
+            for done in [
+                pool.submit(pretrain_backbone, b, recipe(args), weights(args, b), args.out / "corpus") for b in needed
+            ]:
                 backbone, final, secs = done.result()
                 print(
                     f"  pretrained {backbone}: label accuracy {100 * final['pretrain/label_accuracy']:.1f} %, "

@@ -200,6 +200,20 @@ def child_runs(client: MlflowClient, study: str) -> list:
     ]
 
 
+def mgd_ray(env: dict, command: str, path: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`mgd-ray COMMAND STUDY` as a driver connected to the Ray head; its exit status is asserted 0."""
+    proc = subprocess.run(  # noqa: PLW1510 (the return code is asserted)
+        [str(BIN / "mgd-ray"), command, str(path), "--address", env["gcs"]],
+        env=env["env"],
+        cwd=env["root"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> subprocess.CompletedProcess:
     """`ray job submit`, retried while the head has no job agent yet.
 
@@ -225,16 +239,7 @@ def study_a(env):
     """Study A, run by the CLI as a driver connected to the Ray head, logging over HTTP."""
     make_folder(env["root"] / "mine")
     path = study_file(env["root"], "study-a", env["uri"], baselines=[{"method": "supervised"}])
-    proc = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
-        [str(BIN / "mgd-ray"), "run", str(path), "--address", env["gcs"]],
-        env=env["env"],
-        cwd=env["root"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return mgd_ray(env, "run", path, timeout=900)
 
 
 def test_study_logs_everything_to_an_mlflow_server(env, study_a):
@@ -358,15 +363,7 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     )
     # `mgd-ray pretrain` alone: study B's one backbone to pretrain (its student's: its teacher is
     # study A's) is found in MLflow, where study A left it; nothing is trained.
-    pre = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
-        [str(BIN / "mgd-ray"), "pretrain", str(path), "--address", env["gcs"]],
-        env=env["env"],
-        cwd=env["root"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
+    pre = mgd_ray(env, "pretrain", path, timeout=600)
     pretrain_a = next(
         r
         for r in child_runs(client, "study-a")
