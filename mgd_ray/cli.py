@@ -194,28 +194,43 @@ def _study_for(args: argparse.Namespace, smoke: bool = False):  # -> StudyConfig
     if args.address:
         import ray
 
+        from mgd_ray import tracking
+
+        tracking.require_reachable(tracking.resolve_tracking_uri(study.mlflow.tracking_uri, Path.cwd()))
         ray.init(address=args.address)
     return study
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from mgd_ray.data.datasets import DatasetError
     from mgd_ray.study.run import run_study
+    from mgd_ray.tracking import TrackingError
 
-    study = _study_for(args, args.smoke)
-    if study is None:
+    try:
+        study = _study_for(args, args.smoke)
+        if study is None:
+            return 2
+        report = run_study(study, source=Path(args.study), resume=args.resume)
+    except (TrackingError, DatasetError) as err:  # found before any training: one line, no traceback
+        print(err, file=sys.stderr)
         return 2
-    report = run_study(study, source=Path(args.study), resume=args.resume)
     print(f"report: {report}")
     return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mgd_ray.data.datasets import DatasetError
     from mgd_ray.study.run import pretrain_study
+    from mgd_ray.tracking import TrackingError
 
-    study = _study_for(args)
-    if study is None:
+    try:
+        study = _study_for(args)
+        if study is None:
+            return 2
+        done = pretrain_study(study, source=Path(args.study))
+    except (TrackingError, DatasetError) as err:
+        print(err, file=sys.stderr)
         return 2
-    done = pretrain_study(study, source=Path(args.study))
     if not done:
         print(f"{args.study}: no model has pretrained: builtin (or every teacher that has is already trained)")
     for label, entry in done.items():

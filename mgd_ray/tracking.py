@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,47 @@ def resolve_tracking_uri(uri: str, base: Path) -> str:
     if "://" not in uri and not uri.startswith("file:") and not uri.startswith("databricks"):
         return str((base / uri).resolve())
     return uri
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any Ray or training work starts."""
+
+
+def require_reachable(uri: str, wait_s: float = 15.0, attempt_timeout_s: float = 5.0) -> None:
+    """Fail fast, with one line naming ``uri``, when an HTTP(S) tracking server does not answer.
+
+    MLflow's own client retries a dead server for minutes (7 tries with exponential backoff), which
+    is what lets a study ride through a restarting server, but it turns a wrong URI into minutes of
+    silence and a traceback. So before a study starts, ask the server's ``/health`` endpoint, retrying
+    for ``wait_s`` (a server that is still starting), each try bounded by ``attempt_timeout_s``.
+    Local stores (sqlite, file paths) need no server and pass.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    deadline, tries, delay = time.monotonic() + wait_s, 0, 0.5
+    while True:
+        tries += 1
+        try:
+            with urllib.request.urlopen(url, timeout=attempt_timeout_s) as answer:
+                if 200 <= answer.status < 300:
+                    return
+                problem = f"answered HTTP {answer.status}"
+        except urllib.error.HTTPError as err:  # the server answered, but not as MLflow's does
+            problem = f"answered HTTP {err.code}: is this an MLflow tracking server?"
+            break
+        except (urllib.error.URLError, OSError) as err:
+            problem = str(getattr(err, "reason", err))
+        if time.monotonic() + delay > deadline:
+            break
+        time.sleep(delay)
+        delay = min(2 * delay, 4.0)
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable: GET {url} {problem} "
+        f"({tries} {'try' if tries == 1 else 'tries'} in {wait_s:.0f} s). Start it "
+        "(`mlflow server --host 127.0.0.1 --port 5000`), or point the study elsewhere: mlflow.tracking_uri in the "
+        "study file or --tracking-uri (sqlite:///mlflow.db keeps a local store and needs no server)."
+    )
 
 
 def client_for(uri: str) -> MlflowClient:

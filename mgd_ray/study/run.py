@@ -106,9 +106,10 @@ def _finish(plan: Plan, state: StudyState, client: MlflowClient) -> None:
 def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyState, DataReport]:
     """The plan with absolute paths and its parent run (the last unfinished run's when resuming, else
     a new one), once every file of the data has passed ``check_data``."""
+    uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
+    tracking.require_reachable(uri)  # before the data check and Ray: a wrong URI costs seconds, not minutes
     storage = Path(study.storage_path)
     storage = storage if storage.is_absolute() else (base / storage).resolve()
-    uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
     study = with_manifest(study.model_copy(update={"data": absolute_paths(study.data, base)}))
     data_report = require_clean(check_data(study.data))
     print(data_report.text(), flush=True)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def env(tmp_path_factory):
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     env["RAY_DISABLE_USAGE_STATS"] = "1"
     env.pop("RAY_ADDRESS", None)
-    mlflow_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    mlflow_port, gcs_port, dash_port, agent_port = free_port(), free_port(), free_port(), free_port()
     server = subprocess.Popen(
         [
             str(BIN / "mlflow"),
@@ -119,6 +120,7 @@ def env(tmp_path_factory):
             "--num-cpus=2",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
+            f"--dashboard-agent-listen-port={agent_port}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -135,6 +137,7 @@ def env(tmp_path_factory):
             "root": root,
             "client": client,
             "dashboard": f"http://127.0.0.1:{dash_port}",
+            "agent": f"http://127.0.0.1:{agent_port}",
             "gcs": f"127.0.0.1:{gcs_port}",
         }
     finally:
@@ -214,24 +217,37 @@ def mgd_ray(env: dict, command: str, path: Path, timeout: float) -> subprocess.C
     return proc
 
 
+def job_agent_ready(env: dict) -> bool:
+    """The head's dashboard agent answers its health check (a public endpoint: no token)."""
+    try:
+        with urllib.request.urlopen(env["agent"] + "/api/healthz", timeout=5) as answer:
+            return answer.status == 200
+    except OSError:  # refused, reset or timed out: not up yet
+        return False
+
+
 def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> subprocess.CompletedProcess:
-    """`ray job submit`, retried while the head has no job agent yet.
+    """`ray job submit`, once the head's job agent is up.
 
     Ray answers "No available agent to submit job, please try again later" (HTTP 500, no job
-    created) until the head node's dashboard agent has registered, which on a loaded 2-core machine
-    can come after `ray start` returns; a user would retry, and so does the test.
+    created) until the head node's dashboard agent has started and registered its address, which on
+    a loaded 2-core machine can come minutes after `ray start` returns. So the test waits for that
+    readiness signal (the agent's own health check) with a generous deadline, rather than retrying
+    the submission for a fixed window. The agent registers its address just after its HTTP server
+    answers; the few retries left cover that gap.
     """
+    wait_for(lambda: job_agent_ready(env), 600, f"the head's job agent ({env['agent']}/api/healthz)")
     cmd = [str(BIN / "ray"), "job", "submit", "--address", env["dashboard"], "--working-dir", str(cwd)]
     cmd += ["--submission-id", job_id]
     cmd += [] if wait else ["--no-wait"]
-    deadline = time.time() + 120
-    while True:
+    for _ in range(5):
         proc = subprocess.run(
             [*cmd, "--", *args], check=False, env=env["env"], capture_output=True, text=True, timeout=900
         )
-        if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr or time.time() > deadline:
-            return proc
-        time.sleep(5)
+        if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
+    return proc
 
 
 @pytest.fixture(scope="module")
