@@ -151,6 +151,21 @@ class ModelConfig(Strict):
     output_stride: Literal[8, 16, 32] = 16
     pretrained: str | None = None
     stem: Literal["plain", "deep"] = "plain"
+    # official: the authors' MobileNetV2 DeepLabv3+ (exp.*/*mobilev2_deeplabv3plus/network.py): output
+    # stride 32 with features[15:18] dilated 2/4/8, ASPP rates 6/12/18 and a 24-channel low-level
+    # projection. default: mgd_ray's layout, whose ASPP rates scale with the output stride (3/6/9 at
+    # 32) and whose low-level projection has 48 channels (the official ResNet heads' layout).
+    layout: Literal["default", "official"] = "default"
+
+    @model_validator(mode="after")
+    def _official_layout(self) -> ModelConfig:
+        if self.layout == "official" and (self.backbone != "mobilenet_v2" or self.output_stride != 32):
+            raise ValueError(
+                "layout: official is the authors' MobileNetV2 head, at output stride 32: set backbone: mobilenet_v2 "
+                f"and output_stride: 32 (got {self.backbone} at {self.output_stride}), or layout: default "
+                "(the ResNet teachers' and students' default layout already is the official one)"
+            )
+        return self
 
 
 class OptimConfig(Strict):
@@ -167,6 +182,15 @@ class OptimConfig(Strict):
     weight_decay: NonNegFloat = 1e-4
     poly_power: PositiveFloat = 0.9
     scale_lr_with_world_size: bool = True
+    # official: conv/linear weights decay, biases and BatchNorm/GroupNorm parameters do not (the
+    # authors' group_weight); all: one group, every parameter decays.
+    weight_decay_groups: Literal["official", "all"] = "official"
+    # How a step of W workers scales (method notes, "Gradient scale with W GPUs"). global_batch: the
+    # gradient of the loss over the global batch. official: the authors' code, each rank's loss over
+    # its own batch (CE means, the image-level sum) all-reduced and divided by W; autograd does not
+    # see the all-reduce, so the step follows the mean gradient / W while weight decay acts at the
+    # full lr. Both are the same on one worker; paper studies use official.
+    step_rule: Literal["global_batch", "official"] = "global_batch"
 
 
 class ScheduleConfig(Strict):
@@ -176,6 +200,10 @@ class ScheduleConfig(Strict):
     eval_every: PositiveInt = 50
     eval_batch: PositiveInt = 8
     seed: int = 0
+    # The two unlabeled batches CutMix mixes. independent: two streams of their own. shared_order: the
+    # official loaders' quirk (one sampler seed): u0 and u1 draw the same images in the same order, each
+    # with its own augmentation, so CutMix mostly mixes two views of one image.
+    unlabeled_draw: Literal["independent", "shared_order"] = "independent"
 
 
 class CheckpointRef(Strict):

@@ -61,9 +61,17 @@ class GlobalBatch:
         return total * self.world_size
 
 
-def global_batch(env: DistEnv) -> GlobalBatch | None:
-    """The reduction over the global batch for losses' ``over``; None (this batch) on one process."""
-    return GlobalBatch(env) if env.world_size > 1 else None
+def global_batch(env: DistEnv, step_rule: str = "global_batch") -> GlobalBatch | None:
+    """The reduction over the global batch for losses' ``batch_reduction``; None (this rank's batch)
+    on one process, and under the ``official`` step rule, whose losses are per rank."""
+    return GlobalBatch(env) if env.world_size > 1 and step_rule == "global_batch" else None
+
+
+def differentiated(loss: Tensor, env: DistEnv, step_rule: str) -> Tensor:
+    """The loss to call ``backward`` on. ``official``: the authors' ``all_reduce(loss) / W``, whose
+    gradient autograd saw as that of loss / W (the all-reduce is invisible to it); DDP then averages
+    the ranks' gradients, so the step follows their mean / W."""
+    return loss / env.world_size if step_rule == "official" else loss
 
 
 def replica_spread(model: nn.Module, env: DistEnv) -> float:
@@ -148,18 +156,25 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
-    """Move to the device and wrap in DDP when distributed, with BatchNorm over the global batch.
+def global_batchnorm(model: nn.Module, env: DistEnv) -> nn.Module:
+    """``model`` with BatchNorm over the global batch when distributed (identity on one process).
 
     GPU: torch's SyncBatchNorm (NCCL). CPU: ``GlobalBatchNorm2d``, since SyncBatchNorm is GPU-only.
     """
-    model = model.to(env.device)
     if env.world_size == 1:
         return model
     if env.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index])
-    return nn.parallel.DistributedDataParallel(convert_global_batchnorm(model))
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_global_batchnorm(model)
+
+
+def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
+    """Move to the device and wrap in DDP when distributed, with BatchNorm over the global batch."""
+    model = global_batchnorm(model.to(env.device), env)
+    if env.world_size == 1:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

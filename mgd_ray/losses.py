@@ -81,6 +81,20 @@ def ohem_cross_entropy(
     return _cross_entropy(logits, target, ignore_index, batch_reduction)
 
 
+# The official Cityscapes jobs mine ``50000 * batch_size // world_size`` pixels per GPU, their batch_size
+# being the total over GPUs: 50,000 per labeled image of a GPU's batch (100,000 with 16 images on 8 GPUs).
+OHEM_MIN_KEPT_PER_IMAGE = 50_000
+
+
+def ohem_supervised_loss(
+    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, batch_reduction: BatchReduction | None = None
+) -> Tensor:
+    """Eq. 1 with OHEM as the official code applies it on Cityscapes: threshold 0.7 and
+    ``OHEM_MIN_KEPT_PER_IMAGE`` per image of this process's batch, mined per process."""
+    min_kept = OHEM_MIN_KEPT_PER_IMAGE * logits.shape[0]
+    return ohem_cross_entropy(logits, target, 0.7, min_kept, ignore_index, batch_reduction)
+
+
 def hard_pseudo_labels(teacher: Tensor) -> Tensor:
     """Hard pseudo labels: argmax over classes of (N, C, H, W) logits, or labels passed through."""
     if teacher.is_floating_point():

@@ -6,6 +6,7 @@ concatenated batch in this process. Float64, so agreement is exact up to summati
 
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgd_ray import losses
+from mgd_ray.checkpoint import MODEL_FILE, read_segmenter
 from mgd_ray.config import parse_job_config
-from mgd_ray.data.datasets import SegmentationDataset
-from mgd_ray.distributed import DistEnv, GlobalBatchNorm2d, global_batch
+from mgd_ray.data.datasets import IGNORE_INDEX, SegmentationDataset
+from mgd_ray.data.stream import batches, load_job_data
+from mgd_ray.distributed import DistEnv, GlobalBatchNorm2d, dist_env, global_batch, unwrap, wrap_model
+from mgd_ray.jobs.loop import NORM_LAYERS
+from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.train import JOBS
 
 pytestmark = pytest.mark.slow  # gloo process groups
@@ -164,8 +169,9 @@ class _Count:
 
 
 # ---------------------------------------------------------------------------- whole jobs
-def float64_job(kind: str, raw: dict) -> list[dict]:
-    """One job in float64 (images cast as they are loaded) on this process or rank; its reports."""
+@contextmanager
+def float64():
+    """Default dtype float64, and images cast to it as they are loaded."""
     dtype, load = torch.get_default_dtype(), SegmentationDataset.__getitem__
     torch.set_default_dtype(torch.float64)
 
@@ -174,13 +180,23 @@ def float64_job(kind: str, raw: dict) -> list[dict]:
         return item | {"image": item["image"].double()}
 
     SegmentationDataset.__getitem__ = getitem
-    reports: list[dict] = []
     try:
-        with tempfile.TemporaryDirectory() as d:
-            JOBS[kind](parse_job_config(kind, raw), lambda m, _: reports.append(m), Path(d), None)
+        yield
     finally:
         torch.set_default_dtype(dtype)
         SegmentationDataset.__getitem__ = load
+
+
+def float64_job(kind: str, raw: dict, weights: bool = False) -> list[dict] | dict[str, torch.Tensor] | None:
+    """One job in float64 on this process or rank; its reports, or with ``weights`` its exported
+    weights (None on rank 1, which exports nothing)."""
+    reports: list[dict] = []
+    cfg = parse_job_config(kind, raw)
+    with float64(), tempfile.TemporaryDirectory() as d:
+        JOBS[kind](cfg, lambda m, _: reports.append(m), Path(d), None)
+        if weights:
+            exported = Path(d) / f"step_{cfg.schedule.iterations:08d}" / MODEL_FILE
+            return read_segmenter(exported)[1] if exported.is_file() else None
     return reports
 
 
@@ -188,8 +204,10 @@ def job_ranks(rank: int, jobs: dict) -> dict:
     return {name: float64_job(kind, raw) for name, (kind, raw) in jobs.items()}
 
 
-def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_data, tiny_schedule):
-    """CPS (teacher job) and Mean Teacher: 2 workers × 2 images = 1 worker × 4, step by step."""
+def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_data, tiny_schedule, teacher_ckpt):
+    """CPS (teacher job), Mean Teacher and MGD with train-mode teachers (the official code's, whose
+    BatchNorm then runs over the global batch, as its SyncBatchNorm): 2 workers × 2 images = 1 worker
+    × 4, step by step."""
     steps = 5
 
     def raw(workers: int, extra: dict) -> dict:
@@ -206,6 +224,17 @@ def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_da
     jobs = {
         "cps": ("teacher", {"model": {"backbone": "resnet18"}}),
         "mean_teacher": ("baseline", {"method": "mean_teacher"}),
+        "mgd_train_mode_teachers": (
+            "student",
+            {
+                "teachers": {
+                    role: {"model": {"backbone": "resnet18"}, "checkpoint": str(teacher_ckpt)}
+                    for role in ("T_D", "T_W")
+                },
+                "teacher_mode": "train",
+                "losses": {"pool_size": 2},
+            },
+        ),
     }
     two = spawn(job_ranks, tmp_path, {n: (k, raw(2, e)) for n, (k, e) in jobs.items()})
     for name, (kind, extra) in jobs.items():
@@ -220,3 +249,81 @@ def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_da
         # the tiny val split and never predicted is NaN on every rank, and NaN != NaN).
         for r0, r1 in zip(two[0][name], two[1][name], strict=True):
             assert r0 == pytest.approx(r1, rel=0, abs=0, nan_ok=True)
+
+
+# ----------------------------------------------------------------- the official step rule
+STEPS, LR, MOMENTUM, DECAY = 3, 0.05, 0.9, 0.01
+
+
+def step_rule_raw(data_cfg: dict, manifest: str, schedule: dict, rule: str) -> dict:
+    """Sup-only, SGD as the paper studies configure it, 2 labeled images per worker, 3 steps."""
+    return {
+        "method": "supervised",
+        "data": data_cfg | {"scales": [0.75, 1.0], "manifest": manifest},  # padding: uneven ignored pixels
+        "optim": {"optimizer": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": DECAY, "step_rule": rule},
+        "schedule": schedule | {"iterations": STEPS, "eval_every": STEPS, "batch_labeled": 2, "batch_unlabeled": 2},
+    }
+
+
+def official_update(raw: dict) -> dict[str, torch.Tensor]:
+    """The authors' step, written from their train.py, on this rank's batches.
+
+    Per rank: ``loss = CE(student(x), y)`` over its own batch; ``dist.all_reduce(loss); loss /= W``
+    changes the value only, so autograd differentiates loss / W; apex DDP averages the ranks'
+    gradients; SGD (momentum, lr = base lr × W, poly decay) adds weight decay at the full lr to the
+    conv and linear weights only (furnace's group_weight).
+    """
+    cfg = parse_job_config("baseline", raw)
+    env = dist_env()
+    torch.manual_seed(cfg.schedule.seed)  # the job's initialisation, in its order
+    data = load_job_data(cfg.data)
+    model = wrap_model(build_segmenter(cfg.student, data.num_classes), env)
+    decayed = {
+        id(p)
+        for m in model.modules()
+        for name, p in m.named_parameters(recurse=False)
+        if name != "bias" and not isinstance(m, NORM_LAYERS)
+    }
+    base_lr, momentum = LR * env.world_size, {}
+    stream = batches(data, cfg.schedule, 0, env, 0, False)
+    for t in range(STEPS):
+        b = next(stream)
+        loss = F.cross_entropy(model(b.x_l).logits, b.y.long(), ignore_index=IGNORE_INDEX)
+        model.zero_grad(set_to_none=True)
+        (loss / env.world_size).backward()
+        lr = base_lr * (1 - t / STEPS) ** 0.9
+        with torch.no_grad():
+            for p in model.parameters():
+                d = p.grad + (DECAY * p if id(p) in decayed else 0)
+                buf = momentum[id(p)] = d if t == 0 else MOMENTUM * momentum[id(p)] + d
+                p -= lr * buf
+    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def step_rule_rank(rank: int, raws: dict) -> dict:
+    with float64():
+        reference = official_update(raws["official"])
+    return {"reference": reference} | {rule: float64_job("baseline", raw, weights=True) for rule, raw in raws.items()}
+
+
+def test_official_step_rule_reproduces_the_authors_update(tmp_path, tiny_data_cfg, tiny_job_data, tiny_schedule):
+    """W = 2: mgd_ray's ``step_rule: official`` applies the authors' update, weight for weight, and
+    the global-batch rule does not (it steps W× further). W = 1: both rules are SGD at the configured lr."""
+    raws = {
+        rule: step_rule_raw(tiny_data_cfg, str(tiny_job_data.manifest), tiny_schedule, rule)
+        for rule in ("official", "global_batch")
+    }
+    close = {"rtol": 1e-9, "atol": 1e-12}
+    for ranks in (spawn(step_rule_rank, tmp_path, raws), [step_rule_rank(0, raws)]):
+        part = ranks[0]  # rank 0 exports; the job checks that the replicas agree (replica_spread)
+        reference, official, plain = part["reference"], part["official"], part["global_batch"]
+        assert official.keys() == reference.keys()
+        for k, v in reference.items():
+            torch.testing.assert_close(official[k], v, **close, msg=k)
+        moved = max((plain[k] - official[k]).abs().max().item() for k in reference if reference[k].is_floating_point())
+        if len(ranks) == 2:
+            assert moved > 1e-4  # the two rules differ with several workers ...
+            for k, v in ranks[1]["reference"].items():  # ... and the reference's replicas agree
+                torch.testing.assert_close(v, reference[k], rtol=0, atol=0)
+        else:
+            assert moved < 1e-12  # ... and are the same on one

@@ -187,6 +187,23 @@ def test_ohem_keeps_only_hard_pixels():
     assert got == pytest.approx(-np.log(probs.numpy()).mean(), rel=1e-5)
 
 
+@pytest.mark.parametrize("images", [1, 2])
+def test_ohem_supervised_loss_keeps_50000_pixels_per_image_of_the_batch(images):
+    """The official ``min_kept = 50000 * batch_size // world_size``: 50,000 per image on its GPU."""
+    # 256 x 256 = 65,536 pixels per image whose true-class probabilities are all above 0.7, spread
+    # uniformly: OHEM keeps exactly the 50,000 · images hardest (lowest-probability) pixels.
+    n = images * 256 * 256
+    probs = torch.linspace(0.71, 0.99, n, dtype=torch.float64)[
+        torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    ]
+    logits = torch.stack([torch.zeros(n, dtype=torch.float64), torch.log(probs / (1 - probs))])
+    logits = logits.reshape(2, images, 256, 256).transpose(0, 1)
+    target = torch.ones(images, 256, 256, dtype=torch.long)
+    kept = probs.sort().values[: 50_000 * images]
+    got = losses.ohem_supervised_loss(logits, target).item()
+    assert got == pytest.approx(-torch.log(kept).mean().item(), rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "fn",
     [

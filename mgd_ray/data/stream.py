@@ -188,13 +188,19 @@ class StreamBatches:
 
 
 def stream(
-    dataset: Dataset, batch: int, seed: int, env: DistEnv, start_step: int, workers: int
+    dataset: Dataset,
+    batch: int,
+    seed: int,
+    env: DistEnv,
+    start_step: int,
+    workers: int,
+    augment_seed: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """An endless iterator of collated batches for this rank, starting at ``start_step``."""
+    """An endless iterator of collated batches for this rank, starting at ``start_step``: images in
+    the order ``seed`` draws, augmented as ``augment_seed`` (default: ``seed``) decides."""
     sampler = StreamBatches(len(dataset), batch, seed, env.rank, env.world_size, start_step)  # type: ignore[arg-type]
-    loader = DataLoader(
-        SeededView(dataset, seed), batch_sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda"
-    )
+    view = SeededView(dataset, seed if augment_seed is None else augment_seed)
+    loader = DataLoader(view, batch_sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
     return iter(loader)
 
 
@@ -218,10 +224,11 @@ class Batch:
 def batches(
     data: JobData, schedule: ScheduleConfig, workers: int, env: DistEnv, start: int, unlabeled: bool
 ) -> Iterator[Batch]:
-    """Labeled batch, and two independently drawn unlabeled batches with a CutMix mask, per step.
+    """Labeled batch, and two unlabeled batches with a CutMix mask, per step.
 
-    The two unlabeled streams have different seeds, unlike the official loaders whose shared
-    sampler seed often mixes two views of one image (method notes).
+    The two unlabeled streams are drawn independently, unless ``schedule.unlabeled_draw`` asks for
+    the official loaders' shared sampler seed (the same images in the same order, each augmented
+    on its own), which mostly mixes two views of one image (method notes).
     """
     seed = schedule.seed
     lab = stream(data.labeled, schedule.batch_labeled, derive_seed(seed, 0), env, start, workers)
@@ -233,7 +240,8 @@ def batches(
                 "choose a partition (1/8, labeled: N) or add unlabeled images"
             )
         u0s = stream(data.unlabeled, schedule.batch_unlabeled, derive_seed(seed, 1), env, start, workers)
-        u1s = stream(data.unlabeled, schedule.batch_unlabeled, derive_seed(seed, 2), env, start, workers)
+        u1_order = derive_seed(seed, 1 if schedule.unlabeled_draw == "shared_order" else 2)
+        u1s = stream(data.unlabeled, schedule.batch_unlabeled, u1_order, env, start, workers, derive_seed(seed, 2))
     step = start
     while True:
         b = next(lab)

@@ -99,7 +99,7 @@ def run_baseline(
     torch.manual_seed(cfg.schedule.seed)
     data = load_job_data(cfg.data)
     student = wrap_model(build_segmenter(cfg.student, data.num_classes), env)
-    weight, batch_reduction = cfg.consistency_weight, global_batch(env)
+    weight, batch_reduction = cfg.consistency_weight, global_batch(env, cfg.optim.step_rule)
     hooks: dict[str, Any] = {}  # FitSpec's after_step and extra state, for Mean Teacher's EMA
     if cfg.method == "supervised":
         step = lambda b, _: supervised_terms(student, b, batch_reduction)

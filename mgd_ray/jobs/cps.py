@@ -61,7 +61,7 @@ def cps_terms(
     with torch.no_grad():
         pl_1 = losses.mixed_pseudo_labels(pair(b.u0, 1).logits, pair(b.u1, 1).logits, b.m)
         pl_2 = losses.mixed_pseudo_labels(pair(b.u0, 2).logits, pair(b.u1, 2).logits, b.m)
-    supervised = losses.ohem_cross_entropy if ohem else losses.supervised_loss
+    supervised = losses.ohem_supervised_loss if ohem else losses.supervised_loss
     x_mix = b.x_mix
     return {
         "sup/branch1": supervised(pair(b.x_l, 1).logits, b.y, batch_reduction=batch_reduction),
@@ -79,7 +79,7 @@ def run_cps_pair(
     data = load_job_data(cfg.data)
     pair = wrap_model(CPSPair(cfg.model, data.num_classes, cfg.schedule.seed), env)
     net = unwrap(pair)
-    batch_reduction = global_batch(env)
+    batch_reduction = global_batch(env, cfg.optim.step_rule)
 
     def step(b: Batch, k: int) -> dict[str, Tensor]:
         weight = cfg.cps_weight * rampup(k, cfg.schedule.iterations, cfg.cps_rampup)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from mgd_ray import losses
 from mgd_ray.config import DistillJobConfig
 from mgd_ray.data.stream import Batch, load_job_data
-from mgd_ray.distributed import dist_env, global_batch, wrap_model
+from mgd_ray.distributed import dist_env, global_batch, global_batchnorm, wrap_model
 from mgd_ray.jobs.loop import FitSpec, JobContext, Reporter, fit
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.teacher_cache.read import open_cache
@@ -41,7 +41,7 @@ def distill_terms(
     out_mix = student(b.x_mix)
     terms: dict[str, Tensor] = {}
     if lc.supervised:
-        supervised = losses.ohem_cross_entropy if lc.ohem else losses.supervised_loss
+        supervised = losses.ohem_supervised_loss if lc.ohem else losses.supervised_loss
         terms["sup"] = supervised(out_l.logits, b.y, batch_reduction=batch_reduction)  # Eq. 1: L_S
     for name in roles.pixel:
         s = signals[name]
@@ -83,11 +83,13 @@ def run_distill(
         if not loaded:
             with torch.random.fork_rng(devices=[]):
                 loaded.update(load_teachers(cfg, data.num_classes, env.device))
+            if cfg.teacher_mode == "train":  # batch statistics of the global batch, as the official SyncBatchNorm
+                loaded.update({name: global_batchnorm(t, env) for name, t in loaded.items()})
         return loaded
 
     student = wrap_model(build_segmenter(cfg.student, data.num_classes), env)
     roles = teacher_roles(cfg)
-    batch_reduction = global_batch(env)
+    batch_reduction = global_batch(env, cfg.optim.step_rule)
     cache, cache_status = None, None
     if cfg.teacher_cache is not None:
         cache, cache_status = open_cache(cfg, data, env, int(resume["step"]) if resume is not None else 0)

@@ -23,7 +23,7 @@ from torch import nn
 from mgd_ray.checkpoint import MODEL_FILE, save_state, segmenter_record
 from mgd_ray.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
 from mgd_ray.data.stream import Batch, JobData, batches
-from mgd_ray.distributed import DistEnv, all_reduce_mean, replica_spread, unwrap
+from mgd_ray.distributed import DistEnv, all_reduce_mean, differentiated, replica_spread, unwrap
 from mgd_ray.metrics import ConfusionMatrix, eval_metrics, evaluate
 
 # Reporter(metrics, checkpoint_dir or None): called on every rank at every evaluation.
@@ -31,17 +31,38 @@ Reporter = Callable[[dict[str, Any], Path | None], None]
 StepFn = Callable[[Batch, int], dict[str, torch.Tensor]]
 
 
+# furnace's group_weight (official init_func.py) exempts these layers' parameters from weight decay.
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, rule: str, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters as optimiser groups. ``official``: conv and linear weights decay;
+    biases and normalisation weights and biases get weight decay 0, as furnace's ``group_weight``
+    does. ``all``: one group, everything decays."""
+    params = [(m, name, p) for m in model.modules() for name, p in m.named_parameters(recurse=False) if p.requires_grad]
+    if rule == "all":
+        return [{"params": [p for _, _, p in params], "weight_decay": weight_decay}]
+    exempt = [isinstance(m, NORM_LAYERS) or name == "bias" for m, name, _ in params]
+    groups = [
+        {"params": [p for (_, _, p), e in zip(params, exempt, strict=True) if not e], "weight_decay": weight_decay},
+        {"params": [p for (_, _, p), e in zip(params, exempt, strict=True) if e], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(
-    params: Any, cfg: OptimConfig, iterations: int, env: DistEnv
+    model: nn.Module, cfg: OptimConfig, iterations: int, env: DistEnv
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD (or AdamW) + poly LR (power 0.9, no warm-up), base LR × world size as the official code scales it."""
+    """SGD (or AdamW) + poly LR (power 0.9, no warm-up), base LR × world size as the official code
+    scales it, over ``model``'s trainable parameters in ``cfg.weight_decay_groups``."""
     lr = cfg.lr * (env.world_size if cfg.scale_lr_with_world_size else 1)
+    groups = param_groups(model, cfg.weight_decay_groups, cfg.weight_decay)
     # The fused kernels (CPU and CUDA) compute the same update as the per-tensor loop, within
     # floating-point tolerance, in one pass over all parameters.
     if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power
     )
@@ -165,7 +186,7 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
     if resume is not None and resume.get("final"):  # killed after its last step: nothing left to train
         return dict(resume["history"][-1]) if resume["history"] else {}
     model, schedule, env = spec.module, ctx.schedule, ctx.env
-    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], ctx.optim, schedule.iterations, env)
+    opt, sched = make_optimizer(model, ctx.optim, schedule.iterations, env)
     start, history = _restore(spec, opt, sched, resume)
     # The saved counts are all ranks' already: one rank carries them on, the others count afresh.
     drawn = DrawnImages(resume.get("drawn") if resume is not None and env.is_main else None)
@@ -180,7 +201,7 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
         terms = spec.step(batch, step)
         loss = torch.stack(list(terms.values())).sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        differentiated(loss, env, ctx.optim.step_rule).backward()
         opt.step()
         sched.step()
         if spec.after_step is not None:

@@ -22,7 +22,7 @@ from mgd_ray.checkpoint import save_state
 from mgd_ray.config import PretrainJobConfig
 from mgd_ray.data.corpus import CorpusSpec, load_corpus
 from mgd_ray.data.transforms import normalise_uint8
-from mgd_ray.distributed import DistEnv, all_reduce_mean, dist_env, unwrap, wrap_model
+from mgd_ray.distributed import DistEnv, all_reduce_mean, differentiated, dist_env, unwrap, wrap_model
 from mgd_ray.jobs.loop import Progress, Reporter, make_optimizer, restore_state, resume_state
 from mgd_ray.models.backbones import build_backbone
 
@@ -122,7 +122,7 @@ def run_pretrain(
     backbone = build_backbone(cfg.model.backbone, output_stride=32, pretrained=None, stem=cfg.model.stem)
     model = wrap_model(PresenceClassifier(backbone, len(spec.labels)), env)
     schedule = cfg.schedule
-    opt, sched = make_optimizer(model.parameters(), cfg.optim, schedule.iterations, env)
+    opt, sched = make_optimizer(model, cfg.optim, schedule.iterations, env)
     start, history = restore_state(model, opt, sched, resume)
     progress = Progress(f"pretrain/{cfg.model.backbone}", schedule.iterations, start, env)
     losses: list[float] = []
@@ -136,7 +136,7 @@ def run_pretrain(
         x = augment(to_batch(train_x[chosen], env.device), generator)
         loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(train_y[chosen]).to(env.device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        differentiated(loss, env, cfg.optim.step_rule).backward()
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))

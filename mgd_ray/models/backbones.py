@@ -140,10 +140,14 @@ class MobileNetV2Backbone(Backbone):
     the stages behind it at rate 2 (and 4), as torchvision's dilated MobileNets do.
     """
 
-    def __init__(self, output_stride: int = 16, weights: WeightsEnum | None = None) -> None:
+    def __init__(self, output_stride: int = 16, weights: WeightsEnum | None = None, official: bool = False) -> None:
         super().__init__()
         net = torchvision.models.mobilenet_v2(weights=weights)
         self.features = net.features[:18]
+        if official:  # the authors' layout: stride 32 kept, the last three blocks' 3×3 convs at rates 2, 4, 8
+            if output_stride != 32:
+                raise ValueError(f"the official MobileNetV2 layout runs at output stride 32, not {output_stride}")
+            _dilate_stage(self.features[15:18], [2, 4, 8])
         _dilate([self.features[7:14], self.features[14:18]], output_stride, multi_grid=False)
         self.name, self.stem, self.output_stride = "mobilenet_v2", "plain", output_stride
         self.low_level_channels = self.features[3].out_channels
@@ -190,13 +194,16 @@ def _imagenet_weights(name: str) -> WeightsEnum:
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
-def build_backbone(name: str, output_stride: int = 16, pretrained: Pretrained = False, stem: str = "plain") -> Backbone:
+def build_backbone(
+    name: str, output_stride: int = 16, pretrained: Pretrained = False, stem: str = "plain", layout: str = "default"
+) -> Backbone:
     """Build backbone `name` at `output_stride` (8/16/32).
 
     pretrained: False/None random init; True or "imagenet" torchvision's DEFAULT ImageNet weights (downloaded
     once into the torch hub cache); "builtin" is resolved by a study (its corpus pretraining) before any job
     builds a network; any other string a local state-dict file (see load_backbone_weights).
     stem: "plain" (torchvision's 7×7, which the ImageNet weights need) or "deep" (the official code's, ResNets).
+    layout: "official" dilates MobileNetV2's last three blocks 2/4/8 at output stride 32, as the authors do.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -222,7 +229,7 @@ def build_backbone(name: str, output_stride: int = 16, pretrained: Pretrained = 
         if name in RESNETS:
             backbone: Backbone = ResNetBackbone(name, output_stride, stem, weights)
         else:
-            backbone = MobileNetV2Backbone(output_stride, weights)
+            backbone = MobileNetV2Backbone(output_stride, weights, official=layout == "official")
     except OSError as err:  # urllib's URLError and socket errors are OSErrors
         if weights is None:
             raise

@@ -16,6 +16,7 @@ from mgd_ray.config import ModelConfig
 from mgd_ray.models.backbones import Backbone, Pretrained, build_backbone
 
 ASPP_RATES_OS16 = (6, 12, 18)
+OFFICIAL_MOBILENET_LOW_LEVEL_PROJ = 24  # HeadSmall's reduce: features[3]'s 24 channels to 24
 
 
 class SegmenterOutput(NamedTuple):
@@ -120,6 +121,28 @@ class DeepLabV3Plus(nn.Module):
         return SegmenterOutput(logits, features)
 
 
+# The authors' DeepLabv3+ keys (network.py's Head / HeadSmall) that differ from ours; the backbone's,
+# the rest of the ASPP's, the low-level projection's and the classifier's are the same.
+OFFICIAL_KEYS = {
+    "head.aspp.global_pooling_conv.": "head.aspp.pool_conv.",
+    "head.aspp.global_pooling_bn.": "head.aspp.pool_bn.",
+    "head.last_conv.0.": "head.fuse.0.0.",
+    "head.last_conv.1.": "head.fuse.0.1.",
+    "head.last_conv.3.": "head.fuse.1.0.",
+    "head.last_conv.4.": "head.fuse.1.1.",
+}
+
+
+def from_official_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict of one of the authors' DeepLabv3+ networks (a ``branch`` of their Network) with
+    mgd_ray's key names, for ``load_state_dict`` on the segmenter of the same layout."""
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in OFFICIAL_KEYS if key.startswith(p)), None)
+        renamed[key if prefix is None else OFFICIAL_KEYS[prefix] + key.removeprefix(prefix)] = value
+    return renamed
+
+
 class LogitsOnly(nn.Module):
     """Export wrapper: image batch (N,3,H,W) → logits (N,C,H,W), the one tensor an ONNX/TorchScript graph returns."""
 
@@ -145,20 +168,24 @@ def build_segmenter(
 
     See build_backbone for output_stride, pretrained and stem. ``pretrained=False`` with a config
     skips its ImageNet weights where a checkpoint's weights replace them anyway. aspp_rates default
-    to (6, 12, 18) scaled by 16 / output_stride (12/24/36 at 8, 3/6/9 at 32). The official
-    MobileNetV2 student ran at output stride 32 with rates (6, 12, 18) and low_level_proj=24.
+    to (6, 12, 18) scaled by 16 / output_stride (12/24/36 at 8, 3/6/9 at 32). A config's
+    ``layout: official`` builds the authors' MobileNetV2 student: output stride 32, features[15:18]
+    dilated 2/4/8, rates (6, 12, 18) and low_level_proj=24.
     """
+    layout = "default"
     if isinstance(model, ModelConfig):
         if output_stride is not None or stem is not None:
             raise TypeError("build_segmenter: output_stride and stem come from the ModelConfig; do not pass them too")
-        backbone, output_stride, stem = model.backbone, model.output_stride, model.stem
+        backbone, output_stride, stem, layout = model.backbone, model.output_stride, model.stem, model.layout
         pretrained = model.pretrained if pretrained is None else pretrained
     else:
         backbone = model
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     output_stride = 16 if output_stride is None else output_stride
-    net = build_backbone(backbone, output_stride, pretrained or False, stem or "plain")
+    net = build_backbone(backbone, output_stride, pretrained or False, stem or "plain", layout)
+    if layout == "official":
+        aspp_rates, low_level_proj = ASPP_RATES_OS16, OFFICIAL_MOBILENET_LOW_LEVEL_PROJ
     if aspp_rates is None:
         r1, r2, r3 = (r * 16 // output_stride for r in ASPP_RATES_OS16)
         aspp_rates = (r1, r2, r3)

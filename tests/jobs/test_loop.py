@@ -14,7 +14,9 @@ from mgd_ray.jobs.loop import make_optimizer
 def test_optimizer_lr_scaled_with_world_size_and_poly_decay(name, cls):
     params = [torch.nn.Parameter(torch.zeros(3))]
     cfg = OptimConfig(optimizer=name, lr=0.01, weight_decay=1e-4, poly_power=0.9)
-    opt, sched = make_optimizer(params, cfg, iterations=10, env=DistEnv(0, 4, torch.device("cpu")))
+    opt, sched = make_optimizer(
+        torch.nn.ParameterList(params), cfg, iterations=10, env=DistEnv(0, 4, torch.device("cpu"))
+    )
     assert type(opt) is cls
     assert opt.param_groups[0]["weight_decay"] == 1e-4
     lrs = []
@@ -30,7 +32,10 @@ def test_optimizer_lr_scaled_with_world_size_and_poly_decay(name, cls):
 def test_adamw_steps_against_the_gradient_by_about_lr():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt, _ = make_optimizer(
-        [p], OptimConfig(optimizer="adamw", lr=0.1, weight_decay=0.0), 5, DistEnv(0, 1, torch.device("cpu"))
+        torch.nn.ParameterList([p]),
+        OptimConfig(optimizer="adamw", lr=0.1, weight_decay=0.0),
+        5,
+        DistEnv(0, 1, torch.device("cpu")),
     )
     p.grad = torch.tensor([0.5, -3.0])
     opt.step()
@@ -52,7 +57,7 @@ def test_fused_optimizer_follows_the_per_tensor_update(name, kwargs):
     start = [torch.randn(7, 5), torch.randn(5)]
     fused = [torch.nn.Parameter(t.clone()) for t in start]
     plain = [torch.nn.Parameter(t.clone()) for t in start]
-    opt, _ = make_optimizer(fused, cfg, iterations=20, env=DistEnv(0, 1, torch.device("cpu")))
+    opt, _ = make_optimizer(torch.nn.ParameterList(fused), cfg, iterations=20, env=DistEnv(0, 1, torch.device("cpu")))
     assert opt.defaults["fused"] is True
     ref_cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
     extra = {"momentum": cfg.momentum} if name == "sgd" else {}
@@ -67,6 +72,42 @@ def test_fused_optimizer_follows_the_per_tensor_update(name, kwargs):
     for a, b, s in zip(fused, plain, start, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
         assert (a.detach() - s).abs().max() > 0.05  # the parameters really moved
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_official_weight_decay_groups_spare_biases_and_norm_layers(optimizer):
+    """furnace's group_weight: conv and linear weights decay; biases, BatchNorm and GroupNorm do not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),  # weight decays, bias does not
+        torch.nn.BatchNorm2d(4),  # neither
+        torch.nn.Conv2d(4, 4, 1, bias=False),
+        torch.nn.GroupNorm(2, 4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    model.append(frozen)
+    lr, wd = 0.5, 0.1
+    env = DistEnv(0, 1, torch.device("cpu"))
+    cfg = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=wd, momentum=0.0, scale_lr_with_world_size=False)
+    opt, _ = make_optimizer(model, cfg, iterations=10, env=env)
+    decayed = {id(model[0].weight), id(model[2].weight), id(model[5].weight)}
+    assert [len(g["params"]) for g in opt.param_groups] == [3, 6]  # biases of conv 0 and the linear, 2 + 2 norm
+    assert {id(p) for p in opt.param_groups[0]["params"]} == decayed
+    assert [g["weight_decay"] for g in opt.param_groups] == [wd, 0.0]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        # With a zero gradient only decay moves a parameter: θ(1 − lr·wd) for SGD and decoupled AdamW alike.
+        factor = 1 - lr * wd if id(p) in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor)
+    # One group: every trainable parameter decays, as before the rule existed.
+    everything = cfg.model_copy(update={"weight_decay_groups": "all"})
+    opt, _ = make_optimizer(model, everything, iterations=10, env=env)
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 9
 
 
 def test_last_checkpoint_keeps_model_and_history_only_and_resumes_with_nothing_to_train(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgd_ray.config import ModelConfig
-from mgd_ray.models.deeplab import ASPP, DeepLabV3Plus, SegmenterOutput, build_segmenter
+from mgd_ray.models.deeplab import ASPP, DeepLabV3Plus, SegmenterOutput, build_segmenter, from_official_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,81 @@ def test_aspp_rates_scale_with_output_stride(output_stride, rates):
     assert all(c.padding == c.dilation for c in convs[1:])
 
 
-def test_official_mobilenet_head_is_expressible():
-    with torch.device("meta"):
-        model = build_segmenter("mobilenet_v2", 21, output_stride=32, aspp_rates=(6, 12, 18), low_level_proj=24)
-    assert tuple(c.dilation[0] for c in model.head.aspp.map_convs[1:]) == (6, 12, 18)
-    assert model.head.reduce[0].in_channels == 24 and model.head.reduce[0].out_channels == 24
-    assert model.head.fuse[0][0].in_channels == 256 + 24
+def official_mobilenet_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The authors' SingleSmallNetwork parameters and buffers (exp.voc/voc8.mobilev2_deeplabv3plus/
+    network.py), written from their layout: torchvision's MobileNetV2 features[0:18] (their copy has the
+    same keys and drops the 1280-channel conv) and HeadSmall: ASPP(320, 256, [6, 12, 18]), a 24→24
+    low-level projection, two 3×3 convs (280→256, 256→256) and a 1×1 classifier."""
+    import torchvision
+
+    shapes = {
+        f"backbone.features.{k}": tuple(v.shape)
+        for k, v in torchvision.models.mobilenet_v2().features[:18].state_dict().items()
+    }
+
+    def bn(prefix: str, c: int) -> None:
+        shapes.update({f"{prefix}.{n}": (c,) for n in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    shapes["head.aspp.map_convs.0.weight"] = (256, 320, 1, 1)
+    for i in (1, 2, 3):
+        shapes[f"head.aspp.map_convs.{i}.weight"] = (256, 320, 3, 3)
+    bn("head.aspp.map_bn", 1024)
+    shapes["head.aspp.global_pooling_conv.weight"] = (256, 320, 1, 1)
+    bn("head.aspp.global_pooling_bn", 256)
+    shapes["head.aspp.red_conv.weight"] = (256, 1024, 1, 1)
+    shapes["head.aspp.pool_red_conv.weight"] = (256, 256, 1, 1)
+    bn("head.aspp.red_bn", 256)
+    shapes["head.reduce.0.weight"] = (24, 24, 1, 1)
+    bn("head.reduce.1", 24)
+    shapes["head.last_conv.0.weight"] = (256, 280, 3, 3)
+    bn("head.last_conv.1", 256)
+    shapes["head.last_conv.3.weight"] = (256, 256, 3, 3)
+    bn("head.last_conv.4", 256)
+    shapes["classifier.weight"] = (num_classes, 256, 1, 1)
+    shapes["classifier.bias"] = (num_classes,)
+    return shapes
+
+
+def test_official_mobilenet_layout_matches_the_authors_network():
+    cfg = ModelConfig(backbone="mobilenet_v2", output_stride=32, layout="official")
+    model = build_segmenter(cfg, 21)
+    # The authors' network, key by key: a random state dict in their layout loads strictly.
+    shapes = official_mobilenet_shapes(21)
+    g = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(s, generator=g) if s else torch.tensor(3) for k, s in shapes.items()}
+    official = {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in official.items()}
+    model.load_state_dict(from_official_state_dict(official), strict=True)
+    n_params = sum(
+        math.prod(s)
+        for k, s in shapes.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    # Output stride 32 kept: only the depthwise 3×3 convs of features[15:18] dilate, at 2, 4, 8.
+    for index, rate in zip((15, 16, 17), (2, 4, 8), strict=True):
+        depthwise = [
+            c for c in model.backbone.features[index].modules() if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)
+        ]
+        assert [(c.dilation, c.padding, c.stride) for c in depthwise] == [((rate, rate), (rate, rate), (1, 1))]
+    assert [c.dilation[0] for c in model.head.aspp.map_convs[1:]] == [6, 12, 18]
+    model.eval()
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    low, high = model.backbone(x)
+    assert low.shape == (2, 24, 16, 24) and high.shape == (2, 320, 2, 3)  # strides 4 and 32
+    out = model(x)
+    assert out.logits.shape == (2, 21, 64, 96) and out.features.shape == (2, 256, 16, 24)
+    assert torch.isfinite(out.logits).all()
+    # The default layout at output stride 32 is another network (rates 3/6/9, a 48-channel projection).
+    default = build_segmenter(ModelConfig(backbone="mobilenet_v2", output_stride=32), 21)
+    assert [c.dilation[0] for c in default.head.aspp.map_convs[1:]] == [3, 6, 9]
+    assert default.head.reduce[0].out_channels == 48
+
+
+def test_official_layout_is_only_the_mobilenet_at_stride_32():
+    for bad in ({"backbone": "resnet18", "output_stride": 32}, {"backbone": "mobilenet_v2", "output_stride": 16}):
+        with pytest.raises(ValueError, match="layout: official is the authors' MobileNetV2 head, at output stride 32"):
+            ModelConfig(layout="official", **bad)
 
 
 def test_aspp_structure_pool_is_added_not_concatenated():
