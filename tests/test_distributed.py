@@ -260,7 +260,14 @@ def step_rule_raw(data_cfg: dict, manifest: str, schedule: dict, rule: str) -> d
     return {
         "method": "supervised",
         "data": data_cfg | {"scales": [0.75, 1.0], "manifest": manifest},  # padding: uneven ignored pixels
-        "optim": {"optimizer": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": DECAY, "step_rule": rule},
+        "optim": {
+            "optimizer": "sgd",
+            "lr": LR,
+            "momentum": MOMENTUM,
+            "weight_decay": DECAY,
+            "weight_decay_groups": "official",
+            "step_rule": rule,
+        },
         "schedule": schedule | {"iterations": STEPS, "eval_every": STEPS, "batch_labeled": 2, "batch_unlabeled": 2},
     }
 

@@ -90,7 +90,14 @@ def test_official_weight_decay_groups_spare_biases_and_norm_layers(optimizer):
     model.append(frozen)
     lr, wd = 0.5, 0.1
     env = DistEnv(0, 1, torch.device("cpu"))
-    cfg = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=wd, momentum=0.0, scale_lr_with_world_size=False)
+    cfg = OptimConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=wd,
+        momentum=0.0,
+        scale_lr_with_world_size=False,
+        weight_decay_groups="official",
+    )
     opt, _ = make_optimizer(model, cfg, iterations=10, env=env)
     decayed = {id(model[0].weight), id(model[2].weight), id(model[5].weight)}
     assert [len(g["params"]) for g in opt.param_groups] == [3, 6]  # biases of conv 0 and the linear, 2 + 2 norm
@@ -104,7 +111,7 @@ def test_official_weight_decay_groups_spare_biases_and_norm_layers(optimizer):
         # With a zero gradient only decay moves a parameter: θ(1 − lr·wd) for SGD and decoupled AdamW alike.
         factor = 1 - lr * wd if id(p) in decayed else 1.0
         torch.testing.assert_close(p.detach(), before[name] * factor)
-    # One group: every trainable parameter decays, as before the rule existed.
+    # One group (the default): every trainable parameter decays.
     everything = cfg.model_copy(update={"weight_decay_groups": "all"})
     opt, _ = make_optimizer(model, everything, iterations=10, env=env)
     assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 9
