@@ -7,6 +7,7 @@ dropped: the segmenter never uses it, and the paper's Table 1 does not count it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from itertools import cycle
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
+
+log = logging.getLogger(__name__)
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
 BACKBONES = (*RESNETS, "mobilenet_v2")
@@ -219,10 +222,16 @@ def build_backbone(
             "a job on its own takes their file: pretrained: <path of backbone.pt> (`mgd-ray pretrain` writes one)"
         )
     imagenet = pretrained is True or pretrained == "imagenet"
-    if imagenet and stem == "deep":
+    if imagenet and stem == "deep" and 2 * DEEP_STEM_WIDTH.get(name, 0) != 64:
         raise ValueError(
             f"torchvision has no ImageNet weights for a deep-stem {name}: use stem='plain' with "
             "pretrained='imagenet', or pass pretrained='/path/to/deep_stem_state_dict.pth'"
+        )
+    if imagenet and stem == "deep":
+        # The official ResNet-18 student's quirk: torchvision's weights loaded non-strictly, so
+        # everything but the deep stem (whose output keeps layer1's 64 channels) is ImageNet's.
+        log.warning(
+            "%s: ImageNet weights everywhere but the deep stem, which stays random (as the official code)", name
         )
     weights = _imagenet_weights(name) if imagenet else None
     try:

@@ -234,9 +234,27 @@ def test_file_without_state_dict_is_a_clear_error(tmp_path):
         build_backbone("resnet18", pretrained=str(tmp_path / "junk.pth"))
 
 
-def test_imagenet_with_deep_stem_is_refused():
+def test_imagenet_with_deep_stem_is_refused_where_layer1_would_change():
     with pytest.raises(ValueError, match="no ImageNet weights for a deep-stem resnet101"):
         build_backbone("resnet101", pretrained="imagenet", stem="deep")
+
+
+def test_imagenet_with_the_deep_stem_of_resnet18_is_the_official_students_quirk(monkeypatch, caplog):
+    """The official ResNet-18 student loads torchvision's weights with strict=False into its deep-stem
+    network: every weight but the stem's is ImageNet's, and the stem stays as initialised."""
+    torch.manual_seed(0)
+    fake = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: fake)
+    torch.manual_seed(1)
+    backbone = build_backbone("resnet18", pretrained="imagenet", stem="deep")
+    torch.manual_seed(1)
+    random = build_backbone("resnet18", stem="deep")
+    stem = {k for k in backbone.state_dict() if k.startswith(("conv1.", "bn1."))}
+    assert stem and all(torch.equal(backbone.state_dict()[k], random.state_dict()[k]) for k in stem)
+    rest = {k: v for k, v in backbone.state_dict().items() if k not in stem}
+    assert rest.keys() == {k for k in fake if not k.startswith(("conv1.", "bn1.", "fc."))}
+    assert all(torch.equal(v, fake[k]) for k, v in rest.items())
+    assert "stays random" in caplog.text
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
