@@ -6,6 +6,7 @@ concatenated batch in this process. Float64, so agreement is exact up to summati
 
 import socket
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -275,8 +276,9 @@ def step_rule_raw(data_cfg: dict, manifest: str, schedule: dict, rule: str) -> d
 def official_update(raw: dict) -> dict[str, torch.Tensor]:
     """The authors' step, written from their train.py, on this rank's batches.
 
-    Per rank: ``loss = CE(student(x), y)`` over its own batch; ``dist.all_reduce(loss); loss /= W``
-    changes the value only, so autograd differentiates loss / W; apex DDP averages the ranks'
+    Per rank: ``loss = CE(student(x), y)`` over its own batch, then their ``dist.all_reduce(loss);
+    loss = loss / W``, run as they run it: autograd does not see the all-reduce (it warns that the op
+    has no autograd kernel), so each rank differentiates its own loss / W; DDP averages the ranks'
     gradients; SGD (momentum, lr = base lr × W, poly decay) adds weight decay at the full lr to the
     conv and linear weights only (furnace's group_weight).
     """
@@ -297,7 +299,12 @@ def official_update(raw: dict) -> dict[str, torch.Tensor]:
         b = next(stream)
         loss = F.cross_entropy(model(b.x_l).logits, b.y.long(), ignore_index=IGNORE_INDEX)
         model.zero_grad(set_to_none=True)
-        (loss / env.world_size).backward()
+        if env.world_size > 1:  # train.py: `if engine.distributed: dist.all_reduce(loss); loss = loss / W`
+            with warnings.catch_warnings():  # "c10d::allreduce_: an autograd kernel was not registered"
+                warnings.simplefilter("ignore")
+                dist.all_reduce(loss, dist.ReduceOp.SUM)
+            loss = loss / env.world_size
+        loss.backward()
         lr = base_lr * (1 - t / STEPS) ** 0.9
         with torch.no_grad():
             for p in model.parameters():
