@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TINY_DATA = {"builtin": {"num_train": 16, "num_val": 4, "size": 32}, "crop_size": 32, "scales": [1.0]}
+TINY_DATA = {"builtin": {"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4}, "crop_size": 32, "scales": [1.0]}
 TINY_SCHEDULE = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 
 
@@ -173,6 +173,7 @@ def check_study_on_cuda(args: argparse.Namespace) -> str:
             "storage_path": str(args.out / "runs"),
             "mlflow": study.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{args.out / 'mlflow.db'}"}),
             "resources": study.resources.model_copy(update={"gpus_per_worker": gpus}),
+            "scheduler": study.scheduler.model_copy(update={"type": "none"}),  # every trial runs to its end
         }
     )
     ray.init(num_gpus=torch.cuda.device_count() if gpus else 0, logging_level="WARNING")
