@@ -90,18 +90,6 @@ OFFICIAL = {
         "pool": 7,
         "ohem": True,
     },
-    # No Cityscapes MobileNetV2 in the code: its study keeps the Cityscapes ResNet-18 settings.
-    ("cityscapes", "student", "mobilenet_v2"): {
-        "gpus": 8,
-        "lr": 0.02,
-        "lr_times_w": False,
-        "batch": 16,
-        "crop": 800,
-        "lambda_1": 0.001,
-        "lambda_2": 100.0,
-        "pool": 7,
-        "ohem": True,
-    },
     # exp.city/city8.wresnet34_deeplabv3plus: script.sh NGPUS=8, learning_rate=0.02, batch_size=8;
     # config.py C.cps_weight = 5; OHEM as the student's (50000 * 8 // 8 per GPU).
     ("cityscapes", "teacher", "wide_resnet50_2"): {
@@ -125,6 +113,8 @@ OFFICIAL = {
         "ohem": True,
     },
 }
+# No Cityscapes MobileNetV2 in the code: its study keeps the Cityscapes ResNet-18 settings.
+OFFICIAL[("cityscapes", "student", "mobilenet_v2")] = OFFICIAL[("cityscapes", "student", "resnet18")]
 # CPS's epochs per partition (method notes; the voc8 / city8 config.py files: nepochs 34 / 137).
 EPOCHS = {
     "voc": {"1/16": 32, "1/8": 34, "1/4": 40, "1/2": 60},
