@@ -209,7 +209,7 @@ def test_cps_and_baselines_match_one_worker(tmp_path, tiny_data_cfg, tiny_job_da
     """CPS (teacher job), Mean Teacher and MGD with train-mode teachers (the official code's, whose
     BatchNorm then runs over the global batch, as its SyncBatchNorm): 2 workers × 2 images = 1 worker
     × 4, step by step."""
-    steps = 5
+    steps = 3
 
     def raw(workers: int, extra: dict) -> dict:
         per_worker = 4 // workers

@@ -1,0 +1,112 @@
+"""A whole study run twice (local Ray, in this process): a sequential search reruns to the same trial
+table, and ASHA really stops live trials, which MLflow and the report then call stopped early.
+
+With ``searcher.max_concurrent: 1`` TPE proposes each trial from the finished ones only, and ASHA
+compares each trial with the earlier ones at the same rung, so neither depends on which trial
+reports first: the README's reproducible mode (issue 20). The second run reuses the first one's
+teacher from MLflow, as any later run of a study does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from mgd_ray import tracking
+from mgd_ray.study.config import parse_study
+from mgd_ray.study.run import run_study
+
+pytestmark = pytest.mark.slow  # two whole studies
+
+TINY = {"iterations": 4, "eval_every": 1, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
+
+
+def study_raw(root: Path) -> dict:
+    return {
+        "name": "rerun",
+        "data": {
+            "dataset": "builtin",
+            "root": str(root / "data"),
+            "partition": "1/4",
+            "builtin": {"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
+            "crop_size": 32,
+            "scales": [1.0],
+        },
+        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": TINY}}},
+        "student": {"backbone": "mobilenet_v2"},
+        "schedule": TINY,
+        "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
+        "search": {
+            "lambda_1": {"low": 1e-4, "high": 1e-1, "log": True},
+            "lambda_2": {"low": 0.1, "high": 1000, "log": True},
+        },
+        "searcher": {"sampler": "tpe", "seed": 0, "num_samples": 5, "max_concurrent": 1},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "baselines": [{"method": "supervised"}],
+        "seeds": [0],
+        "ray_train": {"in_trial": True},
+        "report": {"onnx": False},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+        "storage_path": str(root / "runs"),
+    }
+
+
+def trial_table(client: MlflowClient, parent: str) -> list[tuple]:
+    """Each trial of one study run, in the order they ran: its parameters, val mIoU history and state."""
+    runs = client.search_runs(
+        [client.get_experiment_by_name("rerun").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`{tracking.KIND_TAG}` = 'trial'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return [
+        (
+            float(r.data.params["losses.lambda_1"]),
+            float(r.data.params["losses.lambda_2"]),
+            tuple(tracking.metric_history(client, r.info.run_id, "val/mIoU")),
+            r.data.tags[tracking.STATE_TAG],
+        )
+        for r in runs
+    ]
+
+
+def test_a_sequential_search_reruns_to_the_same_trials_and_asha_stops_weak_ones(tmp_path):
+    study = parse_study(study_raw(tmp_path))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        reports, tables = [], []
+        for _ in range(2):
+            reports.append(run_study(study, base=tmp_path))
+            parents = client.search_runs(
+                [client.get_experiment_by_name("rerun").experiment_id],
+                filter_string=f"tags.`{tracking.KIND_TAG}` = 'study'",
+                order_by=["attributes.start_time DESC"],
+            )
+            tables.append(trial_table(client, parents[0].info.run_id))
+    finally:
+        ray.shutdown()
+    first, second = tables
+    assert len(first) == 5 and first == second  # parameters, every evaluation and the verdict, to the digit
+    states = [state for *_, state in first]
+    assert "stopped_early" in states and "finished" in states, states
+    for *_, history, state in first:
+        steps = [s for s, _ in history]
+        # A stopped trial has fewer evaluations than the schedule's four, a finished one all of them.
+        assert (steps == [1, 2, 3, 4]) == (state == "finished"), (steps, state)
+    # ASHA stops a trial at a rung only below the better half of the trials that reached it before.
+    for i, (*_, history, state) in enumerate(first):
+        if state == "stopped_early":
+            rung = len(history)
+            earlier = [dict(h)[rung] for *_, h, _ in first[:i] if rung in dict(h)]
+            assert earlier and dict(history)[rung] < max(earlier)
+    # Each run's report lists its stopped trials as such; the second run trained no teacher.
+    for report in reports:
+        text = Path(report).read_text()
+        assert text.count(" | stopped_early |") == states.count("stopped_early")
+    teachers = client.search_runs(
+        [client.get_experiment_by_name("rerun").experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'teacher'"
+    )
+    assert len(teachers) == 1
