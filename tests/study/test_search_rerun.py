@@ -1,5 +1,7 @@
 """A whole study run twice (local Ray, in this process): a sequential search reruns to the same trial
-table, and ASHA really stops live trials, which MLflow and the report then call stopped early.
+table; ASHA really stops live trials, which MLflow and the report then call stopped early; and the
+seed-repeat stage runs the baseline on every seed and the best configuration again on seed 1, whose
+mean ± std the report gives.
 
 With ``searcher.max_concurrent: 1`` TPE proposes each trial from the finished ones only, and ASHA
 compares each trial with the earlier ones at the same rung, so neither depends on which trial
@@ -17,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
 from mgd_ray.study.config import parse_study
+from mgd_ray.study.report import fmt_ms
 from mgd_ray.study.run import run_study
 
 pytestmark = pytest.mark.slow  # two whole studies
@@ -43,10 +46,10 @@ def study_raw(root: Path) -> dict:
             "lambda_1": {"low": 1e-4, "high": 1e-1, "log": True},
             "lambda_2": {"low": 0.1, "high": 1000, "log": True},
         },
-        "searcher": {"sampler": "tpe", "seed": 0, "num_samples": 5, "max_concurrent": 1},
+        "searcher": {"sampler": "tpe", "seed": 0, "num_samples": 4, "max_concurrent": 1},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "baselines": [{"method": "supervised"}],
-        "seeds": [0],
+        "seeds": [0, 1],
         "ray_train": {"in_trial": True},
         "report": {"onnx": False},
         "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
@@ -89,7 +92,7 @@ def test_a_sequential_search_reruns_to_the_same_trials_and_asha_stops_weak_ones(
     finally:
         ray.shutdown()
     first, second = tables
-    assert len(first) == 5 and first == second  # parameters, every evaluation and the verdict, to the digit
+    assert len(first) == 4 and first == second  # parameters, every evaluation and the verdict, to the digit
     states = [state for *_, state in first]
     assert "stopped_early" in states and "finished" in states, states
     for *_, history, state in first:
@@ -106,6 +109,31 @@ def test_a_sequential_search_reruns_to_the_same_trials_and_asha_stops_weak_ones(
     for report in reports:
         text = Path(report).read_text()
         assert text.count(" | stopped_early |") == states.count("stopped_early")
+    # Seed repeats, asserted against the runs' own metrics: Sup-only on seeds 0 and 1, the best
+    # trial's configuration again on seed 1, and both as mean ± std over their last evaluations.
+    parent = parents[0].info.run_id
+    children = client.search_runs(
+        [client.get_experiment_by_name("rerun").experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+
+    def last(run) -> float:
+        return tracking.metric_history(client, run.info.run_id, "val/mIoU")[-1][1]
+
+    baselines = sorted(
+        (int(r.data.params["schedule.seed"]), last(r)) for r in children if r.data.tags[tracking.KIND_TAG] == "baseline"
+    )
+    assert [seed for seed, _ in baselines] == [0, 1]
+    repeats = [r for r in children if r.data.tags[tracking.KIND_TAG] == "repeat"]
+    assert len(repeats) == 1 and repeats[0].data.params["schedule.seed"] == "1"
+    finished = {t[:2]: t[2][-1][1] for t in second if t[-1] == "finished"}
+    top = max(finished.values())
+    repeat = repeats[0]
+    # The best finished trial's configuration (on 4 val images, several trials may tie for it).
+    configuration = (float(repeat.data.params["losses.lambda_1"]), float(repeat.data.params["losses.lambda_2"]))
+    assert finished.get(configuration) == top, (configuration, finished)
+    text = Path(reports[1]).read_text()
+    assert f"| supervised | {fmt_ms([m for _, m in baselines])} |" in text
+    assert f"| MGD (best searched configuration) | {fmt_ms([top, last(repeat)])} |" in text
     teachers = client.search_runs(
         [client.get_experiment_by_name("rerun").experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'teacher'"
     )
