@@ -14,8 +14,11 @@ only public packages, pinned to this environment: serving needs neither this che
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -121,9 +124,7 @@ def log_served_model(uri: str, run_id: str, checkpoint: Path, size: int, registe
     """
     if Path(checkpoint).name != MODEL_FILE:
         raise ValueError(f"{checkpoint}: the served model takes a segmenter checkpoint named {MODEL_FILE}")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with fluent_uris(uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=SERVED_NAME,
             python_model=ImageSegmenter(),
@@ -136,6 +137,39 @@ def log_served_model(uri: str, run_id: str, checkpoint: Path, size: int, registe
     if registered_name is None:
         return info.model_uri
     client = client_for(uri)
-    registered = mlflow.register_model(info.model_uri, registered_name)
+    with fluent_uris(uri):
+        registered = mlflow.register_model(info.model_uri, registered_name)
     client.update_model_version(registered_name, registered.version, description=card)
     return f"models:/{registered_name}/{registered.version}"
+
+
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def fluent_uris(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``pyfunc.log_model``, ``register_model``) aimed at ``uri``, and the
+    process's tracking and registry URIs as they were afterwards.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` also export ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI``, which every later MlflowClient without an explicit registry and every
+    child process (a study's Ray workers, a test's next study) would inherit: a model registered
+    later would land in this study's store.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    saved_env = {name: os.environ.get(name) for name in URI_VARIABLES}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])  # type: ignore[arg-type]  (None: unset, as MLflow allows)
+        registry_utils._registry_uri = saved[1]
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -36,7 +36,7 @@ from mgd_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgd_ray.metrics import sliding_window_logits
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.predict import load_checkpoint, resolve_model
-from mgd_ray.serving import SERVED_DISTRIBUTIONS, log_served_model
+from mgd_ray.serving import SERVED_DISTRIBUTIONS, URI_VARIABLES, fluent_uris, log_served_model
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,17 @@ def served(tmp_path_factory, tiny_job_data) -> dict:
     client = tracking.client_for(uri)
     exp = client.create_experiment("e", artifact_location=(root / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), {k: os.environ.get(k) for k in URI_VARIABLES})
     model_uri = log_served_model(uri, run_id, ckpt, 32, "s", "the card")
-    local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=uri, dst_path=str(root / "dl")))
+    # The process's own MLflow URIs and the variables its child processes inherit are left as they were.
+    assert (
+        mlflow.get_tracking_uri(),
+        mlflow.get_registry_uri(),
+        {k: os.environ.get(k) for k in URI_VARIABLES},
+    ) == before
+    assert before[0] != uri and before[2]["MLFLOW_REGISTRY_URI"] != uri
+    with fluent_uris(uri):  # models:/ URIs resolve in the registry of the process's context
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=uri, dst_path=str(root / "dl")))
     return {"root": root, "uri": uri, "ckpt": ckpt, "model_uri": model_uri, "local": local, "client": client}
 
 
@@ -105,7 +114,8 @@ def test_the_model_carries_its_code_and_pins_only_public_packages(served):
 
 
 def test_pyfunc_segments_encoded_images_at_their_own_size(served, tiny_job_data):
-    model = mlflow.pyfunc.load_model(served["model_uri"])
+    with fluent_uris(served["uri"]):
+        model = mlflow.pyfunc.load_model(served["model_uri"])
     images = _images(tiny_job_data)
     out = model.predict(pd.DataFrame({"image": images}))
     assert list(out.columns) == ["mask"] and len(out) == 2
@@ -228,7 +238,11 @@ def _post(port: int, payload: dict) -> tuple[int, dict]:
 def test_mlflow_models_serve_in_an_environment_without_mgd_ray(served, tiny_job_data, tmp_path):
     env = _environment_without_mgd_ray(tmp_path)
     python = env / "bin" / "python"
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "VIRTUAL_ENV")
+    }
     clean |= {"PATH": f"{env / 'bin'}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": served["uri"]}
     probe = subprocess.run(
         [python, "-c", "import mlflow, torch, mgd_ray"], capture_output=True, text=True, env=clean, cwd=tmp_path
