@@ -159,6 +159,11 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[in
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def logged_steps(client: MlflowClient, run_id: str, key: str = "val/mIoU") -> set[int]:
+    """The steps at which ``run_id`` already has ``key``: the evaluations a restarted job must not log twice."""
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
 def find_finished(client: MlflowClient, tag: str, key: str) -> Any | None:
     """The newest finished run tagged ``tag = key`` in *any* experiment: studies share teachers and pretrainings."""
     ids = [e.experiment_id for e in client.search_experiments()]

@@ -35,7 +35,7 @@ from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
 from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
-from mgd_ray.tracking import client_for, log_metrics
+from mgd_ray.tracking import client_for, log_metrics, logged_steps
 
 JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline, "pretrain": run_pretrain}
 
@@ -59,9 +59,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
     rank = 0 if in_trial else ray.train.get_context().get_world_rank()
     mlflow_run = payload.get("mlflow")  # {"uri", "run_id"}: rank 0 logs every evaluation to this run
     client = client_for(mlflow_run["uri"]) if mlflow_run is not None and rank == 0 else None
+    # A restarted worker group resumes from the last checkpoint Ray registered, which can be older
+    # than the last evaluation rank 0 logged (a worker killed between logging and the checkpoint's
+    # registration): the resumed job evaluates that step again, to the same values, and MLflow
+    # already has it. So the run's history keeps each evaluation step once.
+    logged = logged_steps(client, mlflow_run["run_id"]) if client is not None else set()
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        if client is not None:
+        if client is not None and int(metrics["step"]) not in logged:
             log_metrics(client, mlflow_run["run_id"], metrics, step=int(metrics["step"]))
         if not in_trial:
             ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None

@@ -12,7 +12,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mgd_ray import train
+from mgd_ray import tracking, train
 from mgd_ray.config import absolute_paths, parse_job_config
 from mgd_ray.data.datasets import SegmentationDataset
 from mgd_ray.data.stream import with_manifest
@@ -114,26 +114,24 @@ def test_two_workers_match_one_worker_with_same_global_batch(
 
 
 class FailOnce:
-    """A test-side ``Reporter`` wrapper: rank 0 raises once (a marker file remembers) before it
-    reports the evaluation at ``step`` or later, as a worker killed after its last checkpoint."""
+    """A test-side ``log_metrics`` wrapper: rank 0 raises once (a marker file remembers) right after
+    it logged the evaluation at ``step`` to MLflow and before Ray has its checkpoint, as a worker
+    killed between the two: the restarted job evaluates that step again."""
 
-    def __init__(self, report, step: int, marker: Path):
-        self.report, self.step, self.marker = report, step, marker
+    def __init__(self, log, step: int, marker: Path):
+        self.log, self.step, self.marker = log, step, marker
 
-    def __call__(self, metrics: dict, ckpt_dir: Path | None) -> None:
-        if ray.train.get_context().get_world_rank() == 0 and metrics["step"] >= self.step and not self.marker.exists():
+    def __call__(self, client, run_id: str, metrics: dict, step: int) -> None:
+        self.log(client, run_id, metrics, step)
+        if step >= self.step and not self.marker.exists():
             self.marker.touch()
-            raise RuntimeError(f"injected failure before reporting step {metrics['step']}")
-        self.report(metrics, ckpt_dir)
+            raise RuntimeError(f"injected failure after logging step {step}")
 
 
 def failing_loop(payload: dict) -> dict:
-    """``train_loop_per_worker`` whose job reports through ``FailOnce`` (``payload["fault"]``: step, marker)."""
+    """``train_loop_per_worker`` whose MLflow logging fails once (``payload["fault"]``: step, marker)."""
     step, marker = payload.pop("fault")
-    job = train.JOBS[payload["kind"]]
-    train.JOBS[payload["kind"]] = lambda cfg, report, root, resume: job(
-        cfg, FailOnce(report, step, Path(marker)), root, resume
-    )
+    train.log_metrics = FailOnce(train.log_metrics, step, Path(marker))
     return train_loop_per_worker(payload)
 
 
@@ -150,12 +148,16 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
     )
     cfg = with_manifest(absolute_paths(cfg, Path.cwd()))
     (tmp_path / "ray").mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client_for(uri)
+    run_id = client.create_run(tracking.ensure_experiment(client, "resume")).info.run_id
     trainer = TorchTrainer(
         failing_loop,
         train_loop_config={
             "kind": cfg.kind,
             "config": cfg.model_dump(mode="json"),
             "fault": (4, str(tmp_path / "ray" / "resume.fault")),
+            "mlflow": {"uri": uri, "run_id": run_id},
         },
         scaling_config=scaling(1),
         run_config=RunConfig(
@@ -172,6 +174,11 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
     losses = [m["loss/total"] for m in history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert result.metrics["step"] == 6
+    # MLflow had step 4 before the failure; the restarted job evaluated it again and did not log it
+    # twice: one unbroken history, with the values the checkpointed history holds.
+    logged = [m for m in client.get_metric_history(run_id, "val/mIoU")]
+    assert sorted(m.step for m in logged) == [2, 4, 6]
+    assert {m.step: m.value for m in logged} == {m["step"]: m["val/mIoU"] for m in history}
 
 
 # Every baseline method runs in-process in tests/jobs/test_baselines.py; here the Ray Train worker

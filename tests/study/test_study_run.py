@@ -4,6 +4,8 @@ server over HTTP (sqlite backend), teacher reuse across studies, and `--resume` 
 One scenario, in order: study A trains its teacher and searches; study B (another study, same
 teacher recipe) is submitted as a Ray job, finds the teacher in MLflow instead of training it, is
 stopped mid-search and resumed without re-running finished trials or duplicating MLflow runs.
+Study C runs its trials as 2-worker DDP groups through three faults: a SIGKILLed worker, the MLflow
+server killed for a minute and restarted, and the driver SIGKILLed mid-trial, then resumed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -89,25 +92,7 @@ def env(tmp_path_factory):
     env["RAY_DISABLE_USAGE_STATS"] = "1"
     env.pop("RAY_ADDRESS", None)
     mlflow_port, gcs_port, dash_port, agent_port = free_port(), free_port(), free_port(), free_port()
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=(root / "mlflow.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    servers = [start_mlflow(root, mlflow_port, env)]
     uri = f"http://127.0.0.1:{mlflow_port}"
     ray_cmd = [str(BIN / "ray")]
     subprocess.run(
@@ -134,6 +119,8 @@ def env(tmp_path_factory):
         yield {
             "env": env,
             "uri": uri,
+            "mlflow_port": mlflow_port,
+            "servers": servers,  # the MLflow server now running is the last (a test restarts it)
             "root": root,
             "client": client,
             "dashboard": f"http://127.0.0.1:{dash_port}",
@@ -142,8 +129,32 @@ def env(tmp_path_factory):
         }
     finally:
         subprocess.run([*ray_cmd, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(servers[-1].pid, signal.SIGTERM)
+        servers[-1].wait(timeout=30)
+
+
+def start_mlflow(root: Path, port: int, env: dict) -> subprocess.Popen:
+    """An MLflow server on 127.0.0.1:``port`` over ``root``'s sqlite store and artifact folder."""
+    return subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=(root / "mlflow.log").open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the server and its workers stop together
+    )
 
 
 def _alive(client: MlflowClient) -> bool:
@@ -451,3 +462,122 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
         client.download_artifacts(parents[0].info.run_id, "report/report.md", str(env["root"] / "report-b"))
     ).read_text()
     assert "export it with `mgd-ray export models:/study-b-student/1 --format onnx" in text
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers on this machine (Ray titles them ``ray::RayTrainWorker...``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:  # it ended while we looked
+            continue
+    return sorted(pids)
+
+
+def test_a_ddp_study_rides_through_a_killed_worker_an_mlflow_restart_and_a_killed_driver(env, study_a):
+    client: MlflowClient = env["client"]
+    schedule = TINY_SCHEDULE | {"iterations": 16}  # 8 evaluations a trial: time to strike inside one
+    path = study_file(
+        env["root"],
+        "study-c",
+        env["uri"],
+        schedule=schedule,
+        resources={"workers": 2, "cpus_per_worker": 1},
+        teacher_resources={"workers": 1},  # study A's teacher, found in MLflow
+        searcher={"num_samples": 2, "max_concurrent": 1, "seed": 2},
+        report={"onnx": False},
+    )
+    log = (env["root"] / "study-c.log").open("w")
+    driver = subprocess.Popen(
+        [str(BIN / "mgd-ray"), "run", str(path), "--address", env["gcs"]],
+        env=env["env"],
+        cwd=env["root"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def trials() -> list:
+        return sorted(
+            (r for r in child_runs(client, "study-c") if r.data.tags.get(tracking.KIND_TAG) == "trial"),
+            key=lambda r: r.info.start_time,
+        )
+
+    def evaluated(run) -> list[int]:
+        return [s for s, _ in tracking.metric_history(client, run.info.run_id, "val/mIoU")]
+
+    try:
+        # 1. A worker of the first trial's 2-worker group is SIGKILLed after its first evaluation.
+        first = wait_for(lambda: [r for r in trials() if evaluated(r)], 600, "study C's first evaluation", 0.5)[0]
+        workers = train_worker_pids()
+        assert len(workers) == 2, workers  # the trial's DDP group, and nothing else trains now
+        os.kill(workers[-1], signal.SIGKILL)
+        killed_after = evaluated(first)
+        assert killed_after[-1] < schedule["iterations"], killed_after  # the kill struck inside the trial
+        # 2. The MLflow server dies with it, stays down for 60 s, and comes back on the same port.
+        os.killpg(env["servers"][-1].pid, signal.SIGKILL)
+        env["servers"][-1].wait(timeout=30)
+        time.sleep(60)
+        outage_end_ms = time.time() * 1000
+        env["servers"].append(start_mlflow(env["root"], env["mlflow_port"], env["env"]))
+        wait_for(lambda: _alive(client), 120, "the restarted MLflow server")
+        # 3. Once the second trial is under way, the driver is SIGKILLed (a lost laptop), then resumed.
+        second = wait_for(
+            lambda: [r for r in trials() if r.info.run_id != first.info.run_id and evaluated(r)],
+            600,
+            "study C's second trial to evaluate",
+            0.5,
+        )[0]
+        os.killpg(driver.pid, signal.SIGKILL)
+        assert driver.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    interrupted_at = evaluated(second)
+    assert interrupted_at[-1] < schedule["iterations"], interrupted_at  # killed inside the trial
+    first_end = client.get_run(first.info.run_id).info.end_time
+    resumed = subprocess.run(  # noqa: PLW1510 (asserted)
+        [str(BIN / "mgd-ray"), "run", str(path), "--resume", "--address", env["gcs"]],
+        env=env["env"],
+        cwd=env["root"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    runs = child_runs(client, "study-c")
+    assert not [r for r in runs if r.data.tags.get(tracking.KIND_TAG) in ("teacher", "pretrain")]
+    keys = Counter(r.data.tags[tracking.KEY_TAG] for r in runs)
+    assert max(keys.values()) == 1, keys  # no duplicate run, through every fault
+    done = trials()
+    assert [r.info.run_id for r in done] == [first.info.run_id, second.info.run_id]
+    evaluations = list(range(2, schedule["iterations"] + 1, 2))
+    for run in done:
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.STATE_TAG] == "finished"
+        assert run.data.tags["mgd_ray.ray_train"] == "worker group"
+        # One unbroken history: every evaluation once, none missing, across the restarts.
+        assert sorted(evaluated(run)) == evaluations, (run.info.run_id, evaluated(run))
+        losses = client.get_metric_history(run.info.run_id, "loss/total")
+        assert sorted(m.step for m in losses) == evaluations
+        arts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+        assert arts == ["checkpoint/model.pt"]
+    # The first trial trained through the outage: it ended after the server came back, and finished
+    # before the driver died, so the resumed study did not train it again.
+    assert first_end > outage_end_ms
+    assert client.get_run(first.info.run_id).info.end_time == first_end
+    parents = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("study-c").experiment_id])
+        if r.data.tags.get(tracking.KIND_TAG) == "study"
+    ]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [r.info.status for r in parents]
+    (env["root"] / "report-c").mkdir()
+    text = Path(
+        client.download_artifacts(parents[0].info.run_id, "report/report.md", str(env["root"] / "report-c"))
+    ).read_text()
+    for run in done:
+        assert f"{100 * run.data.metrics['val/mIoU']:.2f}" in text
