@@ -205,7 +205,7 @@ def part_load(work: Path, uri: str, trials: int, concurrent: int, check: Checks)
         n = last[3] - first[3]
         per_mb, per_cpu = (last[1] - first[1]) / n, (last[2] - first[2]) / n
         print(
-            f"  driver: RSS {rows[0][1]:.0f} MB at start, {first[1]:.0f} MB at the first finished trial, "
+            f"  driver: RSS {first[1]:.0f} MB at the first finished trial, "
             f"{last[1]:.0f} MB at trial {last[3]}, peak {peak:.0f} MB; CPU {rows[-1][2]:.0f} s in all"
         )
         print(

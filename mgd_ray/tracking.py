@@ -161,7 +161,7 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[in
 
 def logged_steps(client: MlflowClient, run_id: str, key: str = "val/mIoU") -> set[int]:
     """The steps at which ``run_id`` already has ``key``: the evaluations a restarted job must not log twice."""
-    return {m.step for m in client.get_metric_history(run_id, key)}
+    return {step for step, _ in metric_history(client, run_id, key)}
 
 
 def find_finished(client: MlflowClient, tag: str, key: str) -> Any | None:

@@ -176,9 +176,9 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
     assert result.metrics["step"] == 6
     # MLflow had step 4 before the failure; the restarted job evaluated it again and did not log it
     # twice: one unbroken history, with the values the checkpointed history holds.
-    logged = [m for m in client.get_metric_history(run_id, "val/mIoU")]
-    assert sorted(m.step for m in logged) == [2, 4, 6]
-    assert {m.step: m.value for m in logged} == {m["step"]: m["val/mIoU"] for m in history}
+    logged = tracking.metric_history(client, run_id, "val/mIoU")
+    assert [step for step, _ in logged] == [2, 4, 6]
+    assert dict(logged) == {m["step"]: m["val/mIoU"] for m in history}
 
 
 # Every baseline method runs in-process in tests/jobs/test_baselines.py; here the Ray Train worker
