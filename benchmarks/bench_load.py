@@ -7,7 +7,8 @@
    second, against the number of finished trials, and prints how they grow per trial.
 2. ``concurrent``: two studies submitted at once (two drivers) to one Ray head (``ray start``) and
    the same MLflow server, both needing the same teacher recipe. Checks that both finish, that every
-   run sits under its own study's parent, and says how many times the shared teacher was trained.
+   run sits under its own study's parent, and that the shared teacher was trained once (the other
+   study waited on its claim: ``mgd_ray.study.claims``).
 
 Prints PASS/FAIL per check and the figures; exits 1 when a check fails. Not a test (minutes). It runs
 ``ray stop`` at the end of part 2: do not run it beside another Ray on this machine.
@@ -34,6 +35,8 @@ from typing import Any
 
 import yaml
 from mlflow.tracking import MlflowClient
+
+from mgd_ray.study import claims
 
 BIN = Path(sys.executable).parent
 TINY = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
@@ -255,7 +258,11 @@ def part_concurrent(work: Path, uri: str, check: Checks) -> None:
         teachers += [r for r in runs if r.data.tags.get("mgd_ray.kind") == "teacher"]
     keys = {r.data.tags.get("mgd_ray.teacher_key") for r in teachers}
     check(len(keys) == 1, "both studies asked for the same teacher", f"{len(keys)} teacher keys")
-    print(f"  the shared teacher was trained {len(teachers)} time(s) (goal: once)")
+    check(len(teachers) == 1, "the shared teacher was trained once", f"{len(teachers)} teacher runs")
+    exp = client.get_experiment_by_name(claims.CLAIMS_EXPERIMENT)
+    held = client.search_runs([exp.experiment_id]) if exp is not None else []
+    outcomes = sorted(f"{r.data.tags.get(claims.STUDY_TAG)}: {r.data.tags.get(claims.OUTCOME_TAG)}" for r in held)
+    print(f"  claims on the teacher: {outcomes}")
 
 
 def main() -> int:

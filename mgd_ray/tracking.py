@@ -17,6 +17,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 KEY_TAG = "mgd_ray.key"
@@ -88,7 +89,12 @@ def client_for(uri: str) -> MlflowClient:
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name)
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another study created it since (two studies starting at once)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     return exp.experiment_id

@@ -23,6 +23,7 @@ from mgd_ray import tracking
 from mgd_ray.data.stream import load_job_data
 from mgd_ray.final_eval import evaluate_on_test, save_examples
 from mgd_ray.jobs.pretrain import BACKBONE_FILE
+from mgd_ray.study import claims
 from mgd_ray.study.plan import (
     Plan,
     distill_job,
@@ -111,10 +112,49 @@ def drop_checkpoints(results: Any, stage: str) -> int:
     return freed
 
 
+def train_shared(
+    plan: Plan,
+    stage: str,
+    keys: dict[str, str],
+    find: Callable[[str], Any | None],
+    jobs: Callable[[list[str]], list[dict[str, Any]]],
+    resume: bool,
+    timing: claims.Timing = claims.DEFAULT_TIMING,
+) -> dict[str, tuple[Any, str | None]]:
+    """Train the shared work ``keys`` (name → teacher or pretraining key) once, across studies running
+    at once (``claims``): name → (its finished run, None if this study trained it, else the name of the
+    study that did). What another study holds is waited for; if that study dies, this one trains it.
+    ``jobs(names)`` is the Tune grid that trains ``names``."""
+    client = tracking.client_for(plan.tracking_uri)
+    what = stage.removesuffix("s")
+    out: dict[str, tuple[Any, str | None]] = {}
+    pending, first = list(keys), True
+    while pending:
+        wanted = {n: keys[n] for n in pending}
+        with claims.claimed(client, wanted, plan.parent_run_id, plan.study.name, what, timing) as (mine, theirs):
+            if mine:
+                run_grid(plan, stage, resume and first, jobs(mine))
+                missing = [n for n in mine if find(keys[n]) is None]
+                if missing and resume and first:  # the restored Tune grid did not hold them: train them now
+                    run_grid(plan, stage, False, jobs(missing))
+                for name in mine:
+                    run = find(keys[name])
+                    if run is None:
+                        raise RuntimeError(f"{what} {name} trained but its MLflow run is missing")
+                    out[name] = (run, None)
+        waited = claims.wait_for(client, theirs, find, what, timing) if theirs else {}
+        for name, run in waited.items():
+            if run is not None:
+                out[name] = (run, theirs[name].study)
+        pending, first = [n for n, run in waited.items() if run is None], False
+    return out
+
+
 def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
     """Backbones of ``pretrained: builtin`` models, pretrained on the built-in corpus: found in MLflow
-    (any study's, by ``pretrain_key``) or trained now, one Tune trial each. Teachers that an earlier
-    study trained are reused as they are, so their backbones are not pretrained again."""
+    (any study's, by ``pretrain_key``) or trained now, one Tune trial each (once across studies
+    running at once: ``train_shared``). Teachers that an earlier study trained are reused as they are,
+    so their backbones are not pretrained again."""
     client = tracking.client_for(plan.tracking_uri)
     teachers = [
         name
@@ -124,29 +164,42 @@ def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
         and tracking.find_teacher(client, teacher_key(plan.study, name)) is None
     ]
     info: dict[str, dict[str, Any]] = {}
-    to_train = []
+    to_train = {}
     models = pretrained_architectures(plan.study, teachers)
     for model in models:
         key, label = pretrain_key(plan.study, model), pretrain_label(model)
         run = tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key)
         if run is None:
-            to_train.append(model)
+            to_train[label] = (model, key)
             continue
         plan.pretrained[key] = tracking.download_checkpoint(
             plan.tracking_uri, run.info.run_id, plan.root / "pretrained" / label, tracking.PRETRAIN_ARTIFACT
         )
         info[label] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
     if to_train:
-        run_grid(
-            plan, "pretrain", resume, [{"stage": "pretrain", "backbone": m.backbone, "stem": m.stem} for m in to_train]
+        trained = train_shared(
+            plan,
+            "pretrain",
+            {label: key for label, (_, key) in to_train.items()},
+            lambda key: tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key),
+            lambda labels: [
+                {"stage": "pretrain", "backbone": to_train[x][0].backbone, "stem": to_train[x][0].stem} for x in labels
+            ],
+            resume,
         )
-        for model in to_train:
-            key, label = pretrain_key(plan.study, model), pretrain_label(model)
-            run = tracking.find_finished(client, tracking.PRETRAIN_KEY_TAG, key)
-            if run is None:
-                raise RuntimeError(f"pretraining of {label} finished but its MLflow run is missing")
-            plan.pretrained[key] = plan.root / "pretrained" / label / BACKBONE_FILE
-            info[label] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+        for label, (run, by) in trained.items():
+            key = to_train[label][1]
+            if by is None:
+                plan.pretrained[key] = plan.root / "pretrained" / label / BACKBONE_FILE
+                info[label] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+            else:
+                plan.pretrained[key] = tracking.download_checkpoint(
+                    plan.tracking_uri, run.info.run_id, plan.root / "pretrained" / label, tracking.PRETRAIN_ARTIFACT
+                )
+                info[label] = {
+                    "source": f"MLflow run {run.info.run_id}, pretrained by study {by}",
+                    "run_id": run.info.run_id,
+                }
     for model in models:
         entry = info[pretrain_label(model)]
         entry["path"] = str(plan.pretrained[pretrain_key(plan.study, model)])
@@ -156,7 +209,8 @@ def stage_pretrain(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
 
 
 def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
-    """Teacher checkpoints: given files, given MLflow runs, earlier pretrainings (any study), or train now."""
+    """Teacher checkpoints: given files, given MLflow runs, earlier pretrainings (any study), or train
+    now (once across studies running at once: ``train_shared``)."""
     client = tracking.client_for(plan.tracking_uri)
     info: dict[str, dict[str, Any]] = {}
     to_train = []
@@ -177,25 +231,36 @@ def stage_teachers(plan: Plan, resume: bool) -> dict[str, dict[str, Any]]:
             info[name] = {"source": f"MLflow run {run.info.run_id}", "run_id": run.info.run_id}
             continue
         to_train.append(name)
-    if to_train:
-        jobs: list[dict[str, Any]] = [{"stage": "teachers", "teacher": name} for name in to_train]
+
+    def jobs(names: list[str]) -> list[dict[str, Any]]:
+        grid: list[dict[str, Any]] = [{"stage": "teachers", "teacher": name} for name in names]
         if (
             plan.trial_resources(teacher=True) == plan.trial_resources()
             and plan.in_trial(teacher=True) == plan.in_trial()
         ):
             # Baselines that need no teacher queue behind the teachers, on the slots the faster
             # teacher frees while the slower one finishes (same trial shape, so one Tune stage).
-            jobs += [
+            grid += [
                 {"stage": "baselines", "baseline": i, "seed": seed}
                 for i, seed in pending_baselines(plan, teacher_free=True)
             ]
-        run_grid(plan, "teachers", resume, jobs)
-        for name in to_train:
-            run = tracking.find_teacher(client, teacher_key(plan.study, name))
-            if run is None:
-                raise RuntimeError(f"teacher {name} trained but its MLflow run is missing")
-            plan.teachers[name] = plan.root / "teachers" / name / "model.pt"
-            info[name] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+        return grid
+
+    if to_train:
+        keys = {name: teacher_key(plan.study, name) for name in to_train}
+        trained = train_shared(plan, "teachers", keys, lambda key: tracking.find_teacher(client, key), jobs, resume)
+        for name, (run, by) in trained.items():
+            if by is None:
+                plan.teachers[name] = plan.root / "teachers" / name / "model.pt"
+                info[name] = {"source": "pretrained in this study", "run_id": run.info.run_id}
+            else:
+                plan.teachers[name] = tracking.download_checkpoint(
+                    plan.tracking_uri, run.info.run_id, plan.root / "teachers" / name
+                )
+                info[name] = {
+                    "source": f"MLflow run {run.info.run_id}, trained by study {by}",
+                    "run_id": run.info.run_id,
+                }
     return info
 
 
