@@ -192,6 +192,11 @@ class OptimConfig(Strict):
     # see the all-reduce, so the step follows the mean gradient / W while weight decay acts at the
     # full lr. Both are the same on one worker; paper studies use official.
     step_rule: Literal["global_batch", "official"] = "global_batch"
+    # The arithmetic of a training step's forward and backward. bf16: torch.autocast to bfloat16 on
+    # CPU or CUDA (convolutions and matmuls), with fp32 master weights and optimiser state and every
+    # loss computed in fp32 (``losses.fp32``); about 2x where the device has bf16 units (AMX or
+    # AVX512-BF16 CPUs, CUDA compute capability >= 8.0), slower than fp32 where it has none.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class ScheduleConfig(Strict):

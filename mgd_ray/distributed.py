@@ -30,6 +30,21 @@ def dist_env() -> DistEnv:
     return DistEnv(rank, world, device)
 
 
+def bf16_units(device: torch.device) -> str:
+    """What computes bf16 on ``device``: ``cuda sm_XY`` (tensor cores: compute capability 8.0 or later),
+    ``amx`` or ``avx512_bf16`` (CPU instructions), or ``none``, where bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda sm_{major}{minor}" if major >= 8 else "none"
+    if device.type == "cpu":
+        # torch.cpu's own probes of the CPU's instruction set (what oneDNN's bf16 kernels use).
+        if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+            return "amx"
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            return "avx512_bf16"
+    return "none"
+
+
 def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     """Mean over ranks of scalar metrics (identity on one process)."""
     if env.world_size == 1 or not values:

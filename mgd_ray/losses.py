@@ -13,7 +13,10 @@ the same on every rank, so per-rank means already average to the global one.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Literal, ParamSpec, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,32 @@ from torch import Tensor
 
 from mgd_ray.data.datasets import IGNORE_INDEX
 from mgd_ray.data.transforms import cutmix
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fp32(loss: Callable[P, R]) -> Callable[P, R]:
+    """Run ``loss`` in fp32 under bf16 autocast (``optim.precision: bf16``): its floating tensor arguments
+    are cast to float32 and autocast is off inside, so softmax/CE, the cosine self-similarity's matmul and
+    the image-level sum keep fp32 precision while the networks ran in bf16. Without autocast, a no-op.
+
+    (``torch.amp.custom_fwd(cast_inputs=...)`` does this for one device type; a loss here may run under
+    either, so this checks both.)
+    """
+
+    @functools.wraps(loss)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not active:
+            return loss(*args, **kwargs)
+        cast = lambda v: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v
+        with contextlib.ExitStack() as stack:
+            for device in active:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return loss(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})  # type: ignore[arg-type]
+
+    return wrapper
 
 
 class BatchReduction(Protocol):
@@ -43,6 +72,7 @@ def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, batch_redu
     return batch_reduction.mean(total, (target != ignore_index).sum())
 
 
+@fp32
 def supervised_loss(
     logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, batch_reduction: BatchReduction | None = None
 ) -> Tensor:
@@ -50,6 +80,7 @@ def supervised_loss(
     return _cross_entropy(logits, target.long(), ignore_index, batch_reduction)
 
 
+@fp32
 def ohem_cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -86,6 +117,7 @@ def ohem_cross_entropy(
 OHEM_MIN_KEPT_PER_IMAGE = 50_000
 
 
+@fp32
 def ohem_supervised_loss(
     logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, batch_reduction: BatchReduction | None = None
 ) -> Tensor:
@@ -102,6 +134,7 @@ def hard_pseudo_labels(teacher: Tensor) -> Tensor:
     return teacher.long()
 
 
+@fp32
 def pixel_consistency_loss(
     student_logits: Tensor,
     teacher: Tensor,
@@ -123,6 +156,7 @@ def global_semantic_vector(logits: Tensor) -> Tensor:
     return logits.mean(dim=(2, 3))
 
 
+@fp32
 def image_level_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -167,6 +201,7 @@ def self_similarity(feats: Tensor, pool_size: int) -> Tensor:
     return v.transpose(1, 2) @ v
 
 
+@fp32
 def region_level_loss(student_feats: Tensor, teacher_feats: Tensor, pool_size: int = 7) -> Tensor:
     """Eq. 5-6, region-level content-aware loss: MSE between student and teacher M matrices.
 
@@ -178,11 +213,13 @@ def region_level_loss(student_feats: Tensor, teacher_feats: Tensor, pool_size: i
     return F.mse_loss(m_s, m_t)
 
 
+@fp32
 def mixed_pseudo_labels(logits_u0: Tensor, logits_u1: Tensor, m: Tensor) -> Tensor:
     """Hard labels for x_mix from predictions on its sources: argmax(T(u0)·(1−m) + T(u1)·m) (method notes)."""
     return cutmix(logits_u0, logits_u1, m).argmax(dim=1)
 
 
+@fp32
 def cps_loss(
     logits_1: Tensor,
     logits_2: Tensor,
@@ -204,11 +241,13 @@ def cps_loss(
     )
 
 
+@fp32
 def mean_teacher_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Mean Teacher consistency (Tarvainen & Valpola, 2017): MSE between class probabilities."""
     return F.mse_loss(student_logits.softmax(dim=1), teacher_logits.detach().softmax(dim=1))
 
 
+@fp32
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Pixel-wise KD (Hinton et al., 2015): T^2 * KL(p_T || p_S) over classes, mean over pixels."""
     t = temperature
@@ -218,6 +257,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return kl.mean() * t * t
 
 
+@fp32
 def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 4.0) -> Tensor:
     """Channel-wise distillation (Shu et al., ICCV 2021).
 

@@ -31,11 +31,12 @@ from mgd_ray.checkpoint import HISTORY_FILE, MODEL_FILE, load_state
 from mgd_ray.config import JobConfig, absolute_paths, parse_job_config
 from mgd_ray.data.check import check_data, require_clean
 from mgd_ray.data.stream import with_manifest
+from mgd_ray.distributed import bf16_units, dist_env
 from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
 from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
-from mgd_ray.tracking import client_for, log_metrics, logged_steps
+from mgd_ray.tracking import client_for, log_metrics, logged_steps, set_tags
 
 JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline, "pretrain": run_pretrain}
 
@@ -64,6 +65,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, float]:
     # registration): the resumed job evaluates that step again, to the same values, and MLflow
     # already has it. So the run's history keeps each evaluation step once.
     logged = logged_steps(client, mlflow_run["run_id"]) if client is not None else set()
+    if client is not None:  # what arithmetic this run's steps used, and what computed it
+        device = dist_env().device
+        set_tags(
+            client,
+            mlflow_run["run_id"],
+            {
+                "mgd_ray.precision": cfg.optim.precision,
+                "mgd_ray.device": str(device),
+                "mgd_ray.bf16_units": bf16_units(device),
+            },
+        )
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         if client is not None and int(metrics["step"]) not in logged:

@@ -22,7 +22,7 @@ from mgd_ray.checkpoint import MODEL_FILE, read_segmenter
 from mgd_ray.config import parse_job_config
 from mgd_ray.data.datasets import IGNORE_INDEX, SegmentationDataset
 from mgd_ray.data.stream import batches, load_job_data
-from mgd_ray.distributed import DistEnv, GlobalBatchNorm2d, dist_env, global_batch, unwrap, wrap_model
+from mgd_ray.distributed import DistEnv, GlobalBatchNorm2d, bf16_units, dist_env, global_batch, unwrap, wrap_model
 from mgd_ray.jobs.loop import NORM_LAYERS
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.train import JOBS
@@ -341,3 +341,19 @@ def test_official_step_rule_reproduces_the_authors_update(tmp_path, tiny_data_cf
                 torch.testing.assert_close(v, reference[k], rtol=0, atol=0)
         else:
             assert moved < 1e-12  # ... and are the same on one
+
+
+@pytest.mark.parametrize(
+    "amx,avx512_bf16,expected",
+    [(True, True, "amx"), (False, True, "avx512_bf16"), (False, False, "none")],
+)
+def test_bf16_units_on_cpu_follow_torch_cpu_probes(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert bf16_units(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), "cuda sm_90"), ((8, 0), "cuda sm_80"), ((7, 5), "none")])
+def test_bf16_units_on_cuda_need_compute_capability_8(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert bf16_units(torch.device("cuda", 0)) == expected

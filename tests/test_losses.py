@@ -243,3 +243,56 @@ def test_cps_loss_with_given_pseudo_labels(rng):
         torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(pl_a), torch.from_numpy(pl_b)
     ).item()
     assert got == pytest.approx(np_ce(a, pl_b) + np_ce(b, pl_a), rel=1e-5)
+
+
+def _bf16_cases() -> dict:
+    """Each loss term on fixed fp32 inputs shaped like a small batch (student, teacher, labels)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 8, 8, generator=g) * 3
+    t = torch.randn(2, 5, 8, 8, generator=g) * 3
+    fs, ft = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    y = torch.randint(0, 5, (2, 8, 8), generator=g)
+    m = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    return {
+        "supervised (Eq. 1)": (losses.supervised_loss, (s, y)),
+        "pixel consistency (Eq. 2)": (losses.pixel_consistency_loss, (s, t)),
+        "image level (Eq. 3-4, sum)": (losses.image_level_loss, (s, t)),
+        "region level (Eq. 5-6)": (losses.region_level_loss, (fs, ft, 4)),
+        "cps": (losses.cps_loss, (s, t)),
+        "mean teacher": (losses.mean_teacher_loss, (s, t)),
+        "kd": (losses.kd_loss, (s, t, 2.0)),
+        "cwd": (losses.cwd_loss, (s, t, 4.0)),
+        "ohem": (losses.ohem_cross_entropy, (s, y, 0.7, 10)),
+        "mixed pseudo labels": (losses.mixed_pseudo_labels, (s, t, m)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bf16_cases()))
+def test_under_bf16_autocast_each_loss_is_computed_in_fp32_from_bf16_network_outputs(name):
+    """``optim.precision: bf16``: the networks' outputs arrive in bf16; the loss itself runs in fp32
+    (the same value as fp32 arithmetic on those rounded inputs, to the bit), so its only error against
+    fp32 training is the rounding of its inputs to bf16's 8 significant bits."""
+    loss, args = _bf16_cases()[name]
+    exact = loss(*args)
+    output = lambda a: isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape[1] > 1  # not the CutMix mask
+    rounded = tuple(a.bfloat16() if output(a) else a for a in args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(*rounded)
+    same_in_fp32 = loss(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in rounded))
+    assert got.dtype == exact.dtype
+    assert torch.equal(got, same_in_fp32)
+    if exact.is_floating_point():
+        assert abs(got.item() - exact.item()) <= 2e-3 * abs(exact.item()), (got.item(), exact.item())  # ~ 2^-9
+    else:  # hard labels: the argmax of rounded logits differs only where two classes were within bf16's rounding
+        assert (got != exact).float().mean().item() <= 0.02
+
+
+def test_without_fp32_the_region_loss_matmul_would_run_in_bf16():
+    """The guard matters: autocast alone would run Eq. 5's cosine self-similarity in bf16 (a matmul)."""
+    _, (fs, ft, pool) = _bf16_cases()["region level (Eq. 5-6)"]
+    fs, ft = fs.bfloat16(), ft.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unguarded = losses.region_level_loss.__wrapped__(fs, ft, pool)
+        guarded = losses.region_level_loss(fs, ft, pool)
+    assert guarded.dtype == torch.float32
+    assert not torch.equal(unguarded.float(), guarded)

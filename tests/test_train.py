@@ -16,6 +16,7 @@ from mgd_ray import tracking, train
 from mgd_ray.config import absolute_paths, parse_job_config
 from mgd_ray.data.datasets import SegmentationDataset
 from mgd_ray.data.stream import with_manifest
+from mgd_ray.distributed import bf16_units
 from mgd_ray.train import job_history, run_job, train_loop_per_worker
 
 pytestmark = pytest.mark.slow  # a local Ray cluster and Ray Train worker groups
@@ -179,6 +180,10 @@ def test_killed_job_resumes_from_its_checkpoint(local_ray, tiny_data_cfg, tiny_s
     logged = tracking.metric_history(client, run_id, "val/mIoU")
     assert [step for step, _ in logged] == [2, 4, 6]
     assert dict(logged) == {m["step"]: m["val/mIoU"] for m in history}
+    # The run says what arithmetic its steps used, and what computed it.
+    tags = client.get_run(run_id).data.tags
+    assert tags["mgd_ray.precision"] == "fp32" and tags["mgd_ray.device"] == "cpu"
+    assert tags["mgd_ray.bf16_units"] == bf16_units(torch.device("cpu"))
 
 
 # Every baseline method runs in-process in tests/jobs/test_baselines.py; here the Ray Train worker

@@ -8,6 +8,7 @@ optimise, the loss terms of one step, the networks to evaluate and the one to ex
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from torch import nn
 from mgd_ray.checkpoint import MODEL_FILE, save_state, segmenter_record
 from mgd_ray.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
 from mgd_ray.data.stream import Batch, JobData, batches
-from mgd_ray.distributed import DistEnv, all_reduce_mean, differentiated, replica_spread, unwrap
+from mgd_ray.distributed import DistEnv, all_reduce_mean, bf16_units, differentiated, replica_spread, unwrap
 from mgd_ray.metrics import ConfusionMatrix, eval_metrics, evaluate
 
 # Reporter(metrics, checkpoint_dir or None): called on every rank at every evaluation.
@@ -67,6 +68,18 @@ def make_optimizer(
         opt, lambda step: (1 - min(step, iterations) / iterations) ** cfg.poly_power
     )
     return opt, sched
+
+
+def step_precision(name: str, optim: OptimConfig, env: DistEnv) -> contextlib.AbstractContextManager[Any]:
+    """The context a training step's forward runs in: bf16 autocast when ``optim.precision`` asks for it
+    (weights, gradients and optimiser state stay fp32; losses run in fp32: ``losses.fp32``), said once
+    on rank 0 with the device's bf16 units."""
+    enabled = optim.precision == "bf16"
+    if enabled and env.is_main:
+        units = bf16_units(env.device)
+        note = "" if units != "none" else " (this device has no bf16 units: emulated, slower than fp32)"
+        print(f"[{name}] training in bf16 autocast with fp32 weights on {env.device.type}, bf16 units: {units}{note}")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def rng_state() -> dict[str, Any]:
@@ -195,10 +208,12 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
     stream = batches(ctx.data, schedule, ctx.data_cfg.loader_workers, env, start, spec.unlabeled)
     means = TermMeans()
     metrics: dict[str, float] = {}
+    precision = step_precision(spec.name, ctx.optim, env)
     for step in range(start + 1, schedule.iterations + 1):
         batch = next(stream)
         drawn.add(batch)
-        terms = spec.step(batch, step)
+        with precision:
+            terms = spec.step(batch, step)
         loss = torch.stack(list(terms.values())).sum()
         opt.zero_grad(set_to_none=True)
         differentiated(loss, env, ctx.optim.step_rule).backward()

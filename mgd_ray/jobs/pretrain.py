@@ -23,7 +23,7 @@ from mgd_ray.config import PretrainJobConfig
 from mgd_ray.data.corpus import CorpusSpec, load_corpus
 from mgd_ray.data.transforms import normalise_uint8
 from mgd_ray.distributed import DistEnv, all_reduce_mean, differentiated, dist_env, unwrap, wrap_model
-from mgd_ray.jobs.loop import Progress, Reporter, make_optimizer, restore_state, resume_state
+from mgd_ray.jobs.loop import Progress, Reporter, make_optimizer, restore_state, resume_state, step_precision
 from mgd_ray.models.backbones import build_backbone
 
 BACKBONE_FILE = "backbone.pt"
@@ -128,13 +128,16 @@ def run_pretrain(
     losses: list[float] = []
     metrics: dict[str, float] = {}
     model.train()
+    precision = step_precision(f"pretrain/{cfg.model.backbone}", cfg.optim, env)
     for step in range(start + 1, schedule.iterations + 1):
         chosen = step_indices(schedule.seed, step, len(train_x), schedule.batch, env)
         generator = torch.Generator().manual_seed(
             int(np.random.default_rng([schedule.seed, step, env.rank]).integers(2**62))
         )
         x = augment(to_batch(train_x[chosen], env.device), generator)
-        loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(train_y[chosen]).to(env.device))
+        with precision:
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), torch.from_numpy(train_y[chosen]).to(env.device))
         opt.zero_grad(set_to_none=True)
         differentiated(loss, env, cfg.optim.step_rule).backward()
         opt.step()

@@ -1,9 +1,11 @@
 """The training loop every job shares: optimiser, LR schedule, checkpoints."""
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from mgd_ray.config import OptimConfig, parse_job_config
 from mgd_ray.distributed import DistEnv
@@ -137,3 +139,36 @@ def test_last_checkpoint_keeps_model_and_history_only_and_resumes_with_nothing_t
     out = run_baseline(cfg, lambda m, c: again.append(m), tmp_path / "again", resume=load_state(reports[1][1]))
     assert again == []  # nothing re-trained or re-reported
     assert out["step"] == 4 and out["val/mIoU"] == last["val/mIoU"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_training_runs_the_networks_forward_in_bf16_and_keeps_fp32_weights(
+    tiny_data_cfg, tiny_schedule, tmp_path, precision
+):
+    """``optim.precision: bf16``: the student's convolutions compute in bf16 while it trains, and in fp32
+    when it is evaluated; its weights (what the optimiser updates and the checkpoint holds) stay fp32."""
+    from mgd_ray.checkpoint import MODEL_FILE
+    from mgd_ray.jobs.baselines import run_baseline
+
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}  # module.training -> conv output dtypes
+
+    def hook(module, args, output):
+        if isinstance(module, nn.Conv2d):
+            seen[module.training].add(output.dtype)
+
+    cfg = parse_job_config(
+        "baseline",
+        {"method": "supervised", "data": tiny_data_cfg, "schedule": tiny_schedule, "optim": {"precision": precision}},
+    )
+    reports: list[tuple[dict, Path]] = []
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        metrics = run_baseline(cfg, lambda m, c: reports.append((m, c)), tmp_path)
+    finally:
+        handle.remove()
+
+    trained = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    assert {trained[d] for d in seen[True]} == {precision} and seen[False] == {torch.float32}
+    assert math.isfinite(metrics["loss/total"]) and 0 <= metrics["val/mIoU"] <= 100
+    state = torch.load(reports[-1][1] / MODEL_FILE, weights_only=True)["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
