@@ -9,6 +9,10 @@ paper's Table 1 (teachers, Sup-only, Mean Teacher, CPS, KD, MGD; GFLOPs and para
 the ablation of its Table 5a (L_P, L_P + L_I, L_P + L_R, L_P + L_I + L_R), and MGD's lead over the
 best baseline paired by seed, with the standard error of that difference.
 
+`--precision fp32 bf16` trains every student both ways on the same seeds (``optim.precision``;
+issue 22) and prints bf16 − fp32 per method, paired by seed, beside fp32's seed spread, with the
+mean seconds per student job of each.
+
 `--init builtin` starts every network from the built-in corpus' pretraining, as a study with
 `pretrained: builtin` does: the backbones are pretrained here with the study default recipe
 (`PretrainRecipe`), or reused from `--pretrained DIR` holding DIR/<backbone>.pt (what
@@ -21,7 +25,7 @@ the README's "without pretraining" row measured.
 
     python benchmarks/bench_builtin_methods.py [--init scratch|builtin] [--pretrained DIR] [--partition 1/16] \\
         [--teacher-iterations 240 240] [--student-iterations 120] [--eval-every 40] [--seeds 0 1 2 3 4] \\
-        [--methods supervised kd mgd ...] [--lambda-1 L1] [--lambda-2 L2] [--pool-size H] [--teachers DIR] [--out DIR]
+        [--methods supervised kd mgd ...] [--precision fp32 bf16] [--lambda-1 L1] [--lambda-2 L2] [--pool-size H] [--teachers DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -100,7 +104,9 @@ def train_teacher(role: str, args: argparse.Namespace, iterations: int) -> tuple
     return role, 100 * final["val/mIoU"], time.perf_counter() - start
 
 
-def train_student(method: str, seed: int, args: argparse.Namespace, teachers: Path) -> tuple[str, int, float, float]:
+def train_student(
+    method: str, seed: int, args: argparse.Namespace, teachers: Path, precision: str = "fp32"
+) -> tuple[str, int, float, float]:
     """One student job; returns its best val mIoU over the evaluations (what the study reports)."""
     import torch
 
@@ -117,7 +123,7 @@ def train_student(method: str, seed: int, args: argparse.Namespace, teachers: Pa
     base = {
         "data": data_config(args.data, args.partition),
         "student": model(STUDENT, args),
-        "optim": {"optimizer": "adamw", "lr": args.lr},
+        "optim": {"optimizer": "adamw", "lr": args.lr, "precision": precision},
         "schedule": schedule(args.student_iterations, args.eval_every, seed),
     }
     best = 0.0
@@ -160,6 +166,9 @@ def main() -> int:
     ap.add_argument("--partition", default="1/16")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    ap.add_argument(
+        "--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="students' optim.precision"
+    )
     ap.add_argument("--lambda-1", type=float, help=f"image-level weight (default {MGD_LOSSES['lambda_1']})")
     ap.add_argument("--lambda-2", type=float, help=f"region-level weight (default {MGD_LOSSES['lambda_2']})")
     ap.add_argument("--pool-size", type=int, help=f"region pool size H_v (default {MGD_LOSSES['pool_size']})")
@@ -227,12 +236,20 @@ def main() -> int:
                     f"  teacher {role} ({TEACHERS[role]}): {miou:.1f} mIoU at its last step, {secs:.0f} s", flush=True
                 )
             teachers = args.out
-        jobs = [pool.submit(train_student, m, s, args, teachers) for m in args.methods for s in args.seeds]
-        results: dict[str, list[float]] = {m: [] for m in args.methods}
-        for job in jobs:
-            method, seed, miou, secs = job.result()
-            results[method].append(miou)
-            print(f"  {method:12s} seed {seed}: best {miou:.1f} mIoU, {secs:.0f} s", flush=True)
+        jobs = {
+            (m, p): [pool.submit(train_student, m, s, args, teachers, p) for s in args.seeds]
+            for p in args.precision
+            for m in args.methods
+        }
+        by_precision: dict[tuple[str, str], list[float]] = {}
+        seconds: dict[str, list[float]] = {p: [] for p in args.precision}
+        for (method, precision), runs in jobs.items():
+            for job in runs:
+                _, seed, miou, secs = job.result()
+                by_precision.setdefault((method, precision), []).append(miou)
+                seconds[precision].append(secs)
+                print(f"  {method:12s} {precision} seed {seed}: best {miou:.1f} mIoU, {secs:.0f} s", flush=True)
+        results = {m: by_precision[(m, args.precision[0])] for m in args.methods}
 
     def cost(backbone: str) -> str:
         params, gflops = segmenter_cost(ModelConfig(backbone=backbone), 4, 32)
@@ -244,6 +261,19 @@ def main() -> int:
     for method, scores in results.items():
         per_seed = ", ".join(f"{s:.1f}" for s in scores)
         print(f"{LABELS[method]:22s} {cost(STUDENT)} {mean_std(scores):>12s}  {per_seed}")
+    if {"fp32", "bf16"} <= set(args.precision):
+        print(f"\nbf16 − fp32 students, paired by seed (seeds {args.seeds}; 'within spread': |mean| ≤ fp32's std):")
+        for method in args.methods:
+            fp32, bf16 = by_precision[(method, "fp32")], by_precision[(method, "bf16")]
+            diff, se = paired(bf16, fp32)
+            spread = statistics.stdev(fp32) if len(fp32) > 1 else math.nan
+            verdict = "within spread" if abs(diff) <= spread else "OUTSIDE spread"
+            print(
+                f"  {LABELS[method]:22s} fp32 {mean_std(fp32):>11s}  bf16 {mean_std(bf16):>11s}  "
+                f"diff {diff:+.2f} ± {se:.2f}  ({verdict})"
+            )
+        for precision, secs in seconds.items():
+            print(f"  {precision}: {statistics.fmean(secs):.1f} s per student job (1 thread)")
     if "mgd" in results and len(args.seeds) > 1:
         print("\nMGD − baseline, paired by seed (mean ± standard error; the issue asks for mean > 2 SE):")
         for base in [b for b in BASELINES + ["mgd_P", "mgd_PI", "mgd_PR"] if b in results]:

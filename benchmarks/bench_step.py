@@ -20,6 +20,16 @@ Rows, each in its own process (so max RSS is that row's peak):
   autocast; bf16 changes the signals slightly.
 - ``mgd_ray + teacher cache``: the signals read from a teacher-signal cache (Parquet, as
   ``mgd_ray.teacher_cache`` writes and reads it); no teacher runs.
+- ``… + bf16 student``: the same, with the student's step under ``optim.precision: bf16`` (the
+  autocast ``fit`` uses: ``jobs.loop.step_precision``; fp32 weights, losses in fp32).
+
+The cache row also projects the cache's cost to a paper study (``--project``, default the VOC
+ResNet-18 Table 1 study): each column's measured bytes per step, scaled to the study's crop and
+global batch (pseudo-label columns by pixels; the pooled image- and region-level columns do not
+grow with the crop), the total for its schedule, and the read bandwidth a trial needs at the GPU's
+cached step time (``--project-step-ms``, 34 ms: performance.md, H100, 512², B = 8). Random-weight
+teachers' pseudo labels are noisier than trained ones, so they compress less: the projection is an
+upper bound for those columns.
 
 images/s counts the images the student trains on per step (B labeled + B mixed); "teacher share" is
 the part of the step spent producing the teachers' signals (forwards, or the cache read). Peak
@@ -48,21 +58,22 @@ from mgd_ray import losses
 from mgd_ray.config import OptimConfig, parse_job_config
 from mgd_ray.data.stream import Batch
 from mgd_ray.data.transforms import box_mask
-from mgd_ray.distributed import DistEnv
+from mgd_ray.distributed import DistEnv, bf16_units
 from mgd_ray.jobs.distill import distill_terms
-from mgd_ray.jobs.loop import make_optimizer
+from mgd_ray.jobs.loop import make_optimizer, step_precision
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.teacher_cache.build import step_columns, write_steps
 from mgd_ray.teacher_cache.read import TeacherCache
 from mgd_ray.teachers import FrozenTeacher, step_signals, teacher_roles
 
-ROWS = ("reference", "train", "eval", "fast", "cache")
+ROWS = ("reference", "train", "eval", "fast", "cache", "cache_bf16")
 LABELS = {
     "reference": "reference (official: train-mode teachers, 4 forwards each)",
     "train": "mgd_ray (teacher_mode=train)",
     "eval": "mgd_ray (teacher_mode=eval, batched)",
     "fast": "mgd_ray (eval, batched, channels_last, --fast-precision)",
     "cache": "mgd_ray + teacher cache (no teacher runs)",
+    "cache_bf16": "mgd_ray + teacher cache + bf16 student",
 }
 
 
@@ -115,14 +126,16 @@ def reference_step(student, teachers, b: Batch, cfg, opt) -> tuple[float, float]
     return time.perf_counter() - t0, t_teacher
 
 
-def mgd_step(student, signals_fn, b: Batch, k: int, cfg, opt) -> tuple[float, float]:
-    """``run_distill``'s step (signals from teachers or the cache) + the optimiser update ``fit`` does."""
+def mgd_step(student, signals_fn, b: Batch, k: int, cfg, opt, precision) -> tuple[float, float]:
+    """``run_distill``'s step (signals from teachers or the cache) + the optimiser update ``fit`` does,
+    the student's forward in ``precision`` (``step_precision``'s context) as ``fit`` runs it."""
     sync(b.x_l.device)
     t0 = time.perf_counter()
     signals = signals_fn(b, k)
     sync(b.x_l.device)
     t_teacher = time.perf_counter() - t0
-    terms = distill_terms(student, signals, b, cfg)
+    with precision:
+        terms = distill_terms(student, signals, b, cfg)
     loss = torch.stack(list(terms.values())).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -141,7 +154,7 @@ def run_row(args: argparse.Namespace) -> dict:
                 "T_D": {"model": {"backbone": args.t_d}, "checkpoint": "unused.pt"},
                 "T_W": {"model": {"backbone": args.t_w}, "checkpoint": "unused.pt"},
             },
-            "teacher_mode": "eval" if args.row in ("eval", "fast", "cache") else "train",
+            "teacher_mode": "eval" if args.row in ("eval", "fast", "cache", "cache_bf16") else "train",
             "losses": {"pool_size": args.pool_size},
         },
     )
@@ -159,7 +172,7 @@ def run_row(args: argparse.Namespace) -> dict:
         opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     else:  # what fit() builds: the same SGD update, fused into one kernel
         sgd = OptimConfig(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0)
-        opt, _ = make_optimizer(list(student.parameters()), sgd, args.warmup + args.steps, DistEnv(0, 1, device))
+        opt, _ = make_optimizer(student, sgd, args.warmup + args.steps, DistEnv(0, 1, device))
     total = args.warmup + args.steps
     data = make_batches(total, args.batch, args.crop, args.classes, device)
     lc = cfg.losses
@@ -168,12 +181,13 @@ def run_row(args: argparse.Namespace) -> dict:
     def live(b: Batch, _: int):
         return step_signals(teachers, b, roles, batched=cfg.teacher_mode == "eval")
 
-    cache_bytes = None
+    cache_bytes, column_bytes = None, None
     signals_fn = live
-    if args.row == "cache":
+    if args.row in ("cache", "cache_bf16"):
         tmp = Path(tempfile.mkdtemp(prefix="bench_step_cache_")) / "rank0-of-1.parquet"
         columns = write_steps(tmp, (step_columns(teachers, b, roles, [args.pool_size], True) for b in data))
         cache_bytes = tmp.stat().st_size / total
+        column_bytes = column_bytes_per_step(tmp)
         meta = {"iterations": total, "columns": columns}
         cache = TeacherCache(tmp, meta, device, teachers)
         del teachers  # nothing runs them now
@@ -181,6 +195,8 @@ def run_row(args: argparse.Namespace) -> dict:
         def signals_fn(b: Batch, k: int):
             return cache.signals(k, lc.pool_size)
 
+    env = DistEnv(0, 1, device)
+    precision = step_precision("bench", OptimConfig(precision="bf16" if args.row == "cache_bf16" else "fp32"), env)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, teacher_times = [], []
@@ -188,7 +204,7 @@ def run_row(args: argparse.Namespace) -> dict:
         if args.row == "reference":
             dt, tt = reference_step(student, teachers, b, cfg, opt)
         else:
-            dt, tt = mgd_step(student, signals_fn, b, k, cfg, opt)
+            dt, tt = mgd_step(student, signals_fn, b, k, cfg, opt, precision)
         if k >= args.warmup:
             times.append(dt)
             teacher_times.append(tt)
@@ -215,12 +231,56 @@ def run_row(args: argparse.Namespace) -> dict:
         "peak_bytes": peak,
         "student_flops": flops,
         "cache_bytes_per_step": cache_bytes,
+        "column_bytes_per_step": column_bytes,
     }
 
 
-def matmul_gflops(device: torch.device, n: int, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def column_bytes_per_step(path: Path) -> dict[str, float]:
+    """Compressed bytes per step of each cached column (Parquet's own accounting of the file)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    sizes: dict[str, float] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for j in range(group.num_columns):
+            column = group.column(j)
+            name = column.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0.0) + column.total_compressed_size
+    return {k: v / meta.num_rows for k, v in sizes.items() if k != "step"}
+
+
+def project_cache(columns: dict[str, float], args: argparse.Namespace) -> list[str]:
+    """The cache of ``args.project``'s student at its crop, global batch and schedule, from ``columns``."""
+    from mgd_ray.study.config import load_study
+
+    study = load_study(args.project)
+    workers = study.resources.workers
+    crop, sched = study.data.crop_size, study.schedule
+    labeled, unlabeled = sched.batch_labeled * workers, sched.batch_unlabeled * workers
+    pixels = (crop / args.crop) ** 2
+
+    def scaled(name: str, size: float) -> float:
+        images = labeled if name.endswith("/pl_l") else unlabeled  # pl_l: x_l; every other column: x_mix
+        grow = pixels if name.endswith(("/pl_l", "/pl_mix")) else 1.0  # pooled columns do not grow with the crop
+        return size / args.batch * images * grow
+
+    at_scale = {name: scaled(name, size) for name, size in columns.items()}
+    per_step = sum(at_scale.values())
+    total = per_step * sched.iterations
+    rate = per_step / (args.project_step_ms / 1e3)
+    return [
+        f"projection for {args.project.name} ({crop}² crops, {labeled} labeled + {unlabeled} unlabeled images per "
+        f"step over {workers} workers, {sched.iterations} iterations):",
+        f"  {per_step / 2**20:.2f} MiB per step; {total / 2**30:.1f} GiB for the schedule; "
+        f"{rate / 2**20:.0f} MiB/s read per trial at {args.project_step_ms:g} ms per cached step",
+        "  per step, by column: " + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in at_scale.items()),
+    ]
+
+
+def matmul_gflops(device: torch.device, n: int, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     sync(device)
     t0 = time.perf_counter()
@@ -257,6 +317,13 @@ def main() -> None:
         default=None,
         help="teacher precision of the 'fast' row (default: bf16 on GPU, fp32 on CPU)",
     )
+    p.add_argument(
+        "--project",
+        type=Path,
+        default=Path(__file__).parents[1] / "studies" / "paper_table1_voc_resnet18.yaml",
+        help="the paper study whose cache the cache row projects",
+    )
+    p.add_argument("--project-step-ms", type=float, default=34.0, help="GPU cached step time for the read bandwidth")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = p.parse_args()
     if args.row is not None:
@@ -278,6 +345,7 @@ def main() -> None:
     device = torch.device(args.device)
     n = args.matmul or (4096 if device.type == "cuda" else 2048)
     peak = matmul_gflops(device, n)
+    peak_bf16 = matmul_gflops(device, n, dtype=torch.bfloat16)
 
     print(
         f"\nbench_step: student {args.student}, T_D {args.t_d}, T_W {args.t_w}, batch {args.batch}+{args.batch}, "
@@ -301,6 +369,8 @@ def main() -> None:
             f"\ncache size: {cached['cache_bytes_per_step'] / 1024:.1f} KiB per step (Parquet, zstd) = "
             f"{cached['cache_bytes_per_step'] / (2 * args.batch) / 1024:.1f} KiB per unlabeled image"
         )
+        for line in project_cache(cached["column_bytes_per_step"], args):
+            print(line)
         flops = cached["student_flops"]
         print(f"student step (fwd+bwd, x_l and x_mix): {flops / 1e9:.2f} GFLOP")
         for row, r in results.items():
@@ -309,7 +379,7 @@ def main() -> None:
                 f"  {LABELS[row]:<58} student part {1e3 * student_s:8.1f} ms = {flops / student_s / 1e9:7.1f} GFLOP/s "
                 f"({100 * flops / student_s / 1e9 / peak:.0f}% of matmul)"
             )
-    print(f"fp32 matmul {n}×{n}: {peak:.1f} GFLOP/s")
+    print(f"fp32 matmul {n}×{n}: {peak:.1f} GFLOP/s; bf16: {peak_bf16:.1f} GFLOP/s (bf16 units: {bf16_units(device)})")
 
 
 if __name__ == "__main__":
