@@ -29,7 +29,9 @@ global batch (pseudo-label columns by pixels; the pooled image- and region-level
 grow with the crop), the total for its schedule, and the read bandwidth a trial needs at the GPU's
 cached step time (``--project-step-ms``, 34 ms: performance.md, H100, 512², B = 8). Random-weight
 teachers' pseudo labels are noisier than trained ones, so they compress less: the projection is an
-upper bound for those columns.
+upper bound for those columns. A second projection puts the pseudo-label columns at the bytes per
+pixel of ground-truth-like maps (built-in masks at the study's crop, zstd as the cache writes them):
+the bound for a teacher whose labels are as clean as ground truth. Trained teachers lie between.
 
 images/s counts the images the student trains on per step (B labeled + B mixed); "teacher share" is
 the part of the step spent producing the teachers' signals (forwards, or the cache read). Peak
@@ -250,6 +252,24 @@ def column_bytes_per_step(path: Path) -> dict[str, float]:
     return {k: v / meta.num_rows for k, v in sizes.items() if k != "step"}
 
 
+def mask_bytes_per_pixel(size: int, n: int = 8) -> float:
+    """zstd bytes per pixel of ``n`` built-in ground-truth masks at ``size``² (what clean labels cost)."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from mgd_ray.data.builtin import generate_builtin
+    from mgd_ray.teacher_cache.build import COMPRESSION
+
+    root = generate_builtin(Path(tempfile.mkdtemp(prefix="bench_step_masks_")) / "b", 3, n, 1, size, 6)
+    codec, total, pixels = pa.Codec(COMPRESSION), 0, 0
+    for path in sorted((root / "labels").glob("train_*.png")):
+        mask = np.asarray(Image.open(path), dtype=np.uint8)
+        total += len(codec.compress(mask.tobytes(), asbytes=True))
+        pixels += mask.size
+    return total / pixels
+
+
 def project_cache(columns: dict[str, float], args: argparse.Namespace) -> list[str]:
     """The cache of ``args.project``'s student at its crop, global batch and schedule, from ``columns``."""
     from mgd_ray.study.config import load_study
@@ -265,16 +285,29 @@ def project_cache(columns: dict[str, float], args: argparse.Namespace) -> list[s
         grow = pixels if name.endswith(("/pl_l", "/pl_mix")) else 1.0  # pooled columns do not grow with the crop
         return size / args.batch * images * grow
 
-    at_scale = {name: scaled(name, size) for name, size in columns.items()}
-    per_step = sum(at_scale.values())
-    total = per_step * sched.iterations
-    rate = per_step / (args.project_step_ms / 1e3)
+    def summary(at_scale: dict[str, float]) -> str:
+        per_step = sum(at_scale.values())
+        rate = per_step / (args.project_step_ms / 1e3)
+        return (
+            f"{per_step / 2**20:.2f} MiB per step; {per_step * sched.iterations / 2**30:.1f} GiB for the schedule; "
+            f"{rate / 2**20:.0f} MiB/s read per trial at {args.project_step_ms:g} ms per cached step"
+        )
+
+    measured = {name: scaled(name, size) for name, size in columns.items()}
+    clean = mask_bytes_per_pixel(crop)
+    as_masks = {
+        name: (labeled if name.endswith("/pl_l") else unlabeled) * crop * crop * clean
+        if name.endswith(("/pl_l", "/pl_mix"))
+        else size
+        for name, size in measured.items()
+    }
     return [
         f"projection for {args.project.name} ({crop}² crops, {labeled} labeled + {unlabeled} unlabeled images per "
         f"step over {workers} workers, {sched.iterations} iterations):",
-        f"  {per_step / 2**20:.2f} MiB per step; {total / 2**30:.1f} GiB for the schedule; "
-        f"{rate / 2**20:.0f} MiB/s read per trial at {args.project_step_ms:g} ms per cached step",
-        "  per step, by column: " + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in at_scale.items()),
+        f"  as measured here (random teachers' labels, {8 * columns.get('T_D/pl_mix', 0) / args.batch / args.crop**2:.2f} "
+        f"bits per pixel): {summary(measured)}",
+        "    by column: " + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in measured.items()),
+        f"  with labels as clean as ground-truth masks ({8 * clean:.3f} bits per pixel at {crop}²): {summary(as_masks)}",
     ]
 
 
