@@ -204,6 +204,11 @@ class DistillDefaults(Strict):
     # Run the teachers once per study over the search's batch stream and let every trial read their
     # signals (``mgd_ray.teacher_cache``); trials it cannot serve (another seed) run them live.
     teacher_cache: bool = True
+    # Cache only steps 1..K (default: every step of the longest trial); later steps run the teachers.
+    # At paper scale a whole schedule's cache is tens to hundreds of GB (bench_step's projection),
+    # while under ASHA most trials stop at its first rungs: caching those steps serves most of the
+    # teacher work for a fraction of the disk.
+    teacher_cache_steps: PositiveInt | None = None
 
 
 class SearcherConfig(Strict):

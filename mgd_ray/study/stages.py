@@ -292,6 +292,26 @@ def _cache_cpus(plan: Plan, leave_cpus: float = 0.0) -> float:
     return max(resources.cpus_per_worker, min(wanted, largest - leave_cpus))
 
 
+def cache_contents(plan: Plan) -> tuple[Any, list[int], int, str]:
+    """What the study's teacher cache holds: (the search's distillation job, every H_v it can pick,
+    the steps it covers, ``build_cache``'s ``signals``). Steps: the longest trial's, or
+    ``distill.teacher_cache_steps`` if fewer; every signal of every teacher when the search varies
+    which teacher feeds which term."""
+    study, search = plan.study, plan.study.search
+    roles_varied = any(
+        getattr(search, k) is not None
+        for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level")
+    )
+    job = distill_job(plan, {}, study.seeds[0], plan.root / "teacher_cache_job")
+    if roles_varied:
+        job = job.model_copy(update={"teachers": {name: teacher_ref(plan, name) for name in study.teachers}})
+    pool_sizes = _searched_values(search.pool_size, job.losses.pool_size)
+    iterations = max(_searched_values(search.iterations, job.schedule.iterations))
+    if study.distill.teacher_cache_steps is not None:
+        iterations = min(iterations, study.distill.teacher_cache_steps)
+    return job, pool_sizes, iterations, "all" if roles_varied else "job"
+
+
 def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, Any]]:
     """Run the teachers once over the search's batch stream, for every trial to read.
 
@@ -306,17 +326,8 @@ def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, A
     if not study.distill.teacher_cache or not plan.teachers:
         return lambda: {"used": False}
     directory = plan.root / "teacher_cache"
-    search = study.search
-    roles_varied = any(
-        getattr(search, k) is not None
-        for k in ("teachers", "pixel_labeled", "pixel_unlabeled", "image_level", "region_level")
-    )
     plan.teacher_cache = directory
-    job = distill_job(plan, {}, study.seeds[0], plan.root / "teacher_cache_job")
-    if roles_varied:
-        job = job.model_copy(update={"teachers": {name: teacher_ref(plan, name) for name in study.teachers}})
-    pool_sizes = _searched_values(search.pool_size, job.losses.pool_size)
-    iterations = max(_searched_values(search.iterations, job.schedule.iterations))
+    job, pool_sizes, iterations, signals = cache_contents(plan)
     workers, gpus = study.resources.workers, study.resources.gpus_per_worker
     longest = job.model_copy(update={"schedule": job.schedule.model_copy(update={"iterations": iterations})})
     status, _ = check_cache(longest, world_size=workers)
@@ -330,7 +341,7 @@ def stage_cache(plan: Plan, leave_cpus: float = 0.0) -> Callable[[], dict[str, A
         pool_sizes=pool_sizes,
         iterations=iterations,
         world_size=workers,
-        signals="all" if roles_varied else "job",
+        signals=signals,
         device="cuda" if gpus else "cpu",
         threads=max(1, int(cpus)),
     )

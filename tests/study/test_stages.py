@@ -112,3 +112,24 @@ def test_ended_trials_tune_checkpoints_are_dropped_and_failed_ones_kept(tmp_path
     assert not list(done.glob("checkpoint_*")) and not list(stopped.glob("checkpoint_*"))
     assert (done / "result.json").is_file()  # the trial's results stay
     assert (failed / "checkpoint_000000" / "state.pt").stat().st_size == 50  # a failed trial may be resumed
+
+
+def test_the_teacher_cache_covers_the_longest_trial_or_the_first_teacher_cache_steps(tmp_path):
+    from mgd_ray.study.plan import pretrain_key
+    from mgd_ray.study.stages import cache_contents
+
+    study = load_study(QUICKSTART)
+    longest = max([study.schedule.iterations, *(study.search.iterations.choices if study.search.iterations else [])])
+
+    def contents(**distill):
+        s = study.model_copy(update={"distill": study.distill.model_copy(update=distill)})
+        plan = Plan(s, tmp_path, "sqlite:///unused.db", "0", "parent")
+        plan.teachers = {name: tmp_path / f"{name}.pt" for name in s.teachers}
+        plan.pretrained = {pretrain_key(s, s.student): tmp_path / "student_backbone.pt"}
+        return cache_contents(plan)
+
+    job, pool_sizes, steps, signals = contents()
+    assert steps == longest and job.schedule.seed == study.seeds[0] and signals == "job"
+    assert set(pool_sizes) >= {study.distill.losses.pool_size}
+    assert contents(teacher_cache_steps=longest // 4)[2] == longest // 4  # only the first steps
+    assert contents(teacher_cache_steps=10 * longest)[2] == longest  # never more than a trial runs
