@@ -150,12 +150,15 @@ def load_teacher(
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> nn.Module:
-    """One frozen teacher from its checkpoint, in ``mode`` (the official code keeps train mode)."""
+    """One frozen teacher from its checkpoint, in ``mode`` (the official code keeps train mode).
+
+    Always a ``FrozenTeacher``, so that it runs in its own ``precision`` whatever the step around it
+    does: under a bf16 student's autocast (``optim.precision: bf16``) an fp32 teacher stays fp32, and
+    its signals stay those a teacher-signal cache holds.
+    """
     teacher = load_segmenter(ref.checkpoint, ref.model, num_classes, what=what).to(device)
     teacher.requires_grad_(False)
-    if precision != "fp32" or channels_last:
-        teacher = FrozenTeacher(teacher, precision, channels_last)
-    return teacher.train(mode == "train")
+    return FrozenTeacher(teacher, precision, channels_last).train(mode == "train")
 
 
 def load_teachers(cfg: DistillJobConfig, num_classes: int, device: torch.device) -> dict[str, nn.Module]:

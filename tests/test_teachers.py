@@ -80,7 +80,22 @@ def test_load_teachers_applies_the_execution_options(student_cfg):
     )
     assert all(not p.requires_grad for t in teachers.values() for p in t.parameters())
     plain = load_teachers(student_cfg(), 6, torch.device("cpu"))
-    assert not any(isinstance(t, FrozenTeacher) for t in plain.values())
+    assert all(t.precision == "fp32" and not t.channels_last and not t.training for t in plain.values())
+
+
+def test_an_fp32_teacher_stays_fp32_under_a_bf16_students_autocast(student_cfg, make_batch):
+    """``optim.precision: bf16`` autocasts the student's step; the frozen teachers inside it keep
+    ``teacher_precision``, so their signals are those of fp32 (and of a teacher cache) to the bit."""
+    teachers = load_teachers(student_cfg(), 6, torch.device("cpu"))
+    x = make_batch().x_l
+    with torch.inference_mode():
+        outside = {n: t(x) for n, t in teachers.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = {n: t(x) for n, t in teachers.items()}
+    for name in teachers:
+        assert inside[name].logits.dtype == torch.float32
+        assert torch.equal(inside[name].logits, outside[name].logits)
+        assert torch.equal(inside[name].features, outside[name].features)
 
 
 def test_roles_follow_the_loss_switches(student_cfg):
