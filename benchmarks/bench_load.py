@@ -215,6 +215,16 @@ def part_load(work: Path, uri: str, trials: int, concurrent: int, check: Checks)
             f"  growth over trials {first[3]}..{last[3]}: {per_mb:+.2f} MB and {per_cpu:.2f} CPU-s of the driver per trial"
             f" (projected for 500 trials: {first[1] + per_mb * 500:.0f} MB, {per_cpu * 500 / 60:.0f} CPU-min)"
         )
+        # The shape of the growth: resident memory at each quarter of the finished trials, and the
+        # growth per trial within each quarter (a leak grows in every quarter; warm-up only early).
+        marks = [max(1, round(last[3] * q / 4)) for q in range(1, 5)]
+        at = [next(r for r in search if r[3] >= m) for m in marks]
+        print("  RSS by finished trials: " + ", ".join(f"{r[3]}: {r[1]:.0f} MB" for r in at))
+        steps = zip([first, *at[:-1]], at, strict=True)
+        print(
+            "  growth per trial in each quarter: "
+            + ", ".join(f"{(b[1] - a[1]) / max(1, b[3] - a[3]):+.2f} MB" for a, b in steps)
+        )
 
 
 def part_concurrent(work: Path, uri: str, check: Checks) -> None:
