@@ -28,10 +28,14 @@ ResNet-18 Table 1 study): each column's measured bytes per step, scaled to the s
 global batch (pseudo-label columns by pixels; the pooled image- and region-level columns do not
 grow with the crop), the total for its schedule, and the read bandwidth a trial needs at the GPU's
 cached step time (``--project-step-ms``, 34 ms: performance.md, H100, 512², B = 8). Random-weight
-teachers' pseudo labels are noisier than trained ones, so they compress less: the projection is an
-upper bound for those columns. A second projection puts the pseudo-label columns at the bytes per
-pixel of ground-truth-like maps (built-in masks at the study's crop, zstd as the cache writes them):
-the bound for a teacher whose labels are as clean as ground truth. Trained teachers lie between.
+teachers' label maps are not a trained teacher's: nearly constant at 128² (they compress to ~0.01
+bits per pixel), noise at 32². So a second projection puts the pseudo-label columns at the bytes
+per pixel of ground-truth-like maps (built-in masks at the study's crop, zstd as the cache writes
+them): what a teacher whose labels are as clean as ground truth costs.
+
+``--trained-teachers DIR`` (DIR/T_D/model.pt, DIR/T_W/model.pt, e.g. the quickstart's teachers or
+what ``bench_builtin_methods --out`` wrote) also prints how often bf16 teachers' pseudo labels agree
+with fp32 on the quickstart's val images: the check for ``teacher_precision: bf16`` on trained weights.
 
 images/s counts the images the student trains on per step (B labeled + B mixed); "teacher share" is
 the part of the step spent producing the teachers' signals (forwards, or the cache read). Peak
@@ -237,6 +241,34 @@ def run_row(args: argparse.Namespace) -> dict:
     }
 
 
+def trained_agreement(directory: Path, device: torch.device) -> list[str]:
+    """Pixel agreement of bf16 and fp32 pseudo labels of the trained teachers in ``directory``, on the
+    quickstart's val images (``builtin_setup.data_config``: the data they were trained on)."""
+    from builtin_setup import data_config
+
+    from mgd_ray.config import CheckpointRef, DataConfig, ModelConfig
+    from mgd_ray.data.stream import load_job_data, prepare_manifest
+    from mgd_ray.teachers import load_teacher
+
+    data_cfg = DataConfig.model_validate(data_config(Path(tempfile.mkdtemp(prefix="bench_step_val_")), "1/16"))
+    prepare_manifest(data_cfg)
+    val = load_job_data(data_cfg).val
+    x = torch.stack([val[i]["image"] for i in range(len(val))]).to(device)
+    lines = []
+    for role in ("T_D", "T_W"):
+        path = directory / role / "model.pt"
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        ref = CheckpointRef(model=ModelConfig.model_validate(record["model"]), checkpoint=path)
+        fp32, bf16 = (load_teacher(ref, record["num_classes"], device, precision=p) for p in ("fp32", "bf16"))
+        with torch.inference_mode():
+            agree = (fp32(x).logits.argmax(1) == bf16(x).logits.argmax(1)).float().mean().item()
+        lines.append(
+            f"  {role} ({ref.model.backbone}, trained, {path}): bf16 pseudo labels agree with fp32 on "
+            f"{100 * agree:.2f}% of {x.shape[0]} val images' pixels (goal 99.5%)"
+        )
+    return lines
+
+
 def column_bytes_per_step(path: Path) -> dict[str, float]:
     """Compressed bytes per step of each cached column (Parquet's own accounting of the file)."""
     import pyarrow.parquet as pq
@@ -357,6 +389,7 @@ def main() -> None:
         help="the paper study whose cache the cache row projects",
     )
     p.add_argument("--project-step-ms", type=float, default=34.0, help="GPU cached step time for the read bandwidth")
+    p.add_argument("--trained-teachers", type=Path, help="DIR/T_D/model.pt, DIR/T_W/model.pt: bf16 agreement")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = p.parse_args()
     if args.row is not None:
@@ -412,6 +445,10 @@ def main() -> None:
                 f"  {LABELS[row]:<58} student part {1e3 * student_s:8.1f} ms = {flops / student_s / 1e9:7.1f} GFLOP/s "
                 f"({100 * flops / student_s / 1e9 / peak:.0f}% of matmul)"
             )
+    if args.trained_teachers is not None:
+        print("bf16 teachers on trained weights:")
+        for line in trained_agreement(args.trained_teachers, device):
+            print(line)
     print(f"fp32 matmul {n}×{n}: {peak:.1f} GFLOP/s; bf16: {peak_bf16:.1f} GFLOP/s (bf16 units: {bf16_units(device)})")
 
 
