@@ -95,12 +95,16 @@ def env(tmp_path_factory):
     mlflow_port, gcs_port, dash_port, agent_port = free_port(), free_port(), free_port(), free_port()
     servers = [start_mlflow(root, mlflow_port, env)]
     uri = f"http://127.0.0.1:{mlflow_port}"
-    ray_cmd = [str(BIN / "ray")]
-    subprocess.run(
+    # `ray start --block` in a process group of its own: the teardown stops this head's processes
+    # only. (`ray stop --force` stops every Ray process on the machine: another suite's, or the
+    # user's own cluster.)
+    head_log = root / "ray_head.log"
+    head = subprocess.Popen(
         [
-            *ray_cmd,
+            str(BIN / "ray"),
             "start",
             "--head",
+            "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={gcs_port}",
             "--num-cpus=2",
@@ -110,11 +114,15 @@ def env(tmp_path_factory):
             "--disable-usage-stats",
         ],
         env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
+        stdout=head_log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
+        # What `ray start` without --block would have waited for before returning.
+        wait_for(lambda: head.poll() is not None or "Ray runtime started" in head_log.read_text(), 180, "the Ray head")
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start failed (exit {head.returncode}): {head_log.read_text()[-2000:]}")
         client = MlflowClient(uri)
         wait_for(lambda: _alive(client), 120, "the MLflow server")
         yield {
@@ -129,10 +137,17 @@ def env(tmp_path_factory):
             "gcs": f"127.0.0.1:{gcs_port}",
         }
     finally:
-        subprocess.run([*ray_cmd, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
+        stop_group(head)
         with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop
             os.killpg(servers[-1].pid, signal.SIGTERM)
         servers[-1].wait(timeout=30)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGKILL ``process``'s process group, as ``ray stop --force`` would, but only that group's processes."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
 
 
 def start_mlflow(root: Path, port: int, env: dict) -> subprocess.Popen:
