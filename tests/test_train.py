@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # a local Ray cluster and Ray Train worker groups
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

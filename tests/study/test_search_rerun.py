@@ -78,7 +78,7 @@ def trial_table(client: MlflowClient, parent: str) -> list[tuple]:
 def test_a_sequential_search_reruns_to_the_same_trials_and_asha_stops_weak_ones(tmp_path):
     study = parse_study(study_raw(tmp_path))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         reports, tables = [], []
         for _ in range(2):
