@@ -134,11 +134,12 @@ def train_shared(
         with claims.claimed(client, wanted, plan.parent_run_id, plan.study.name, what, timing) as (mine, theirs):
             if mine:
                 run_grid(plan, stage, resume and first, jobs(mine))
-                missing = [n for n in mine if find(keys[n]) is None]
+                runs = {n: find(keys[n]) for n in mine}
+                missing = [n for n, run in runs.items() if run is None]
                 if missing and resume and first:  # the restored Tune grid did not hold them: train them now
                     run_grid(plan, stage, False, jobs(missing))
-                for name in mine:
-                    run = find(keys[name])
+                    runs |= {n: find(keys[n]) for n in missing}
+                for name, run in runs.items():
                     if run is None:
                         raise RuntimeError(f"{what} {name} trained but its MLflow run is missing")
                     out[name] = (run, None)
