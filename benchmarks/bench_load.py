@@ -10,8 +10,9 @@
    run sits under its own study's parent, and that the shared teacher was trained once (the other
    study waited on its claim: ``mgd_ray.study.claims``).
 
-Prints PASS/FAIL per check and the figures; exits 1 when a check fails. Not a test (minutes). It runs
-``ray stop`` at the end of part 2: do not run it beside another Ray on this machine.
+Prints PASS/FAIL per check and the figures; exits 1 when a check fails. Not a test (minutes). Its Ray
+head and MLflow server run in process groups of their own and are stopped alone: another Ray on
+the machine is left as it was.
 
     python benchmarks/bench_load.py [--trials 32] [--concurrent 4] [--what load,concurrent] [--keep DIR]
 """
@@ -23,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,44 +37,20 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mgd_ray.study import claims
+from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group, tiny_builtin_study
 
-BIN = Path(sys.executable).parent
 TINY = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def study(name: str, work: Path, uri: str, trials: int, concurrent: int) -> dict[str, Any]:
-    """A tiny built-in study: a ResNet-18 CPS teacher, a MobileNetV2 student, ``trials`` MGD trials."""
-    return {
-        "name": name,
-        "data": {
-            "dataset": "builtin",
-            "root": str(work / "data"),
-            "partition": "1/4",
-            "builtin": {"num_train": 32, "num_val": 8, "size": 32, "num_classes": 4},
-            "crop_size": 32,
-            "scales": [1.0],
-        },
-        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": TINY}}},
-        "student": {"backbone": "mobilenet_v2"},
-        "schedule": TINY,
-        "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
-        "search": {
-            "lambda_1": {"low": 1e-4, "high": 1e-2, "log": True},
-            "lambda_2": {"low": 1, "high": 100, "log": True},
-        },
+    """A tiny built-in study (32 images): a ResNet-18 CPS teacher, a MobileNetV2 student, ``trials`` MGD trials."""
+    raw = tiny_builtin_study(name, work, uri, TINY, trials)
+    raw["data"]["builtin"] |= {"num_train": 32, "num_val": 8}
+    return raw | {
         "searcher": {"num_samples": trials, "max_concurrent": concurrent, "seed": 0},
         "scheduler": {"type": "none"},
         "resources": {"workers": 1, "cpus_per_worker": 2 / concurrent},
-        "report": {"onnx": False},
-        "mlflow": {"tracking_uri": uri},
-        "storage_path": str(work / "runs"),
     }
 
 
@@ -114,15 +90,8 @@ def finished_trials(client: MlflowClient, name: str) -> list[Any]:
     return [r for r in runs if r.data.tags.get("mgd_ray.kind") == "trial" and r.info.status == "FINISHED"]
 
 
-def start_mlflow(work: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "art")]
-        + ["--workers", "2"],
-        stdout=(work / "mlflow.log").open("a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def start_server(work: Path, port: int) -> subprocess.Popen:
+    server = start_mlflow(work, port, workers=2)
     client = MlflowClient(f"http://127.0.0.1:{port}")
     for _ in range(120):
         try:
@@ -233,14 +202,13 @@ def part_concurrent(work: Path, uri: str, check: Checks) -> None:
     # Ray's local clusters authenticate with a token; the drivers get it from the environment.
     env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2"]
-        + ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+    head = start_ray_head(work / "ray_head.log", env, gcs, dash)
+    for _ in range(300):  # what `ray start` without --block waits for
+        if head.poll() is not None or "Ray runtime started" in (work / "ray_head.log").read_text():
+            break
+        time.sleep(1)
+    if head.poll() is not None:
+        raise RuntimeError(f"ray start failed (exit {head.returncode}); see {work / 'ray_head.log'}")
     names = ["twin-a", "twin-b"]
     try:
         drivers = []
@@ -255,7 +223,7 @@ def part_concurrent(work: Path, uri: str, check: Checks) -> None:
         codes = [d.wait(timeout=3600) for d in drivers]
         print(f"  both drivers ended in {time.time() - start:.0f} s", flush=True)
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, capture_output=True, env=env, timeout=120)
+        stop_group(head)  # this head's processes only
     client = MlflowClient(uri)
     for name, rc in zip(names, codes, strict=True):
         check(rc == 0, f"{name}: finished (exit {rc})", "" if rc == 0 else str(work / f"{name}.log"))
@@ -285,7 +253,7 @@ def main() -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mgd_bench_load_"))
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = start_mlflow(work, port)
+    server = start_server(work, port)
     uri = f"http://127.0.0.1:{port}"
     check = Checks()
     print(f"work dir {work}, MLflow {uri}, {os.cpu_count()} CPUs", flush=True)
@@ -295,8 +263,7 @@ def main() -> int:
         if "concurrent" in args.what:
             part_concurrent(work, uri, check)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_group(server, signal.SIGTERM)
     print(f"\n{'all checks passed' if not check.failed else f'{check.failed} check(s) FAILED'}")
     if not args.keep and not check.failed:
         shutil.rmtree(work, ignore_errors=True)

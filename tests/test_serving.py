@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +36,7 @@ from mgd_ray.metrics import sliding_window_logits
 from mgd_ray.models.deeplab import build_segmenter
 from mgd_ray.predict import load_checkpoint, resolve_model
 from mgd_ray.serving import SERVED_DISTRIBUTIONS, URI_VARIABLES, fluent_uris, log_served_model
+from mgd_ray.testing import free_port
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +215,6 @@ def _environment_without_mgd_ray(root: Path) -> Path:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",
@@ -256,7 +250,7 @@ def test_mlflow_models_serve_in_an_environment_without_mgd_ray(served, tiny_job_
     assert resolved.returncode == 0, resolved.stdout + resolved.stderr
     assert "Would install" not in resolved.stdout  # every pin is met without this checkout
 
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [env / "bin" / "mlflow", "models", "serve", "-m", "models:/s/1", "--env-manager", "local",

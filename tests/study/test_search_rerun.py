@@ -21,6 +21,7 @@ from mgd_ray import tracking
 from mgd_ray.study.config import parse_study
 from mgd_ray.study.report import fmt_ms
 from mgd_ray.study.run import run_study
+from mgd_ray.testing import tiny_builtin_study
 
 pytestmark = pytest.mark.slow  # two whole studies
 
@@ -28,20 +29,7 @@ TINY = {"iterations": 4, "eval_every": 1, "batch_labeled": 2, "batch_unlabeled":
 
 
 def study_raw(root: Path) -> dict:
-    return {
-        "name": "rerun",
-        "data": {
-            "dataset": "builtin",
-            "root": str(root / "data"),
-            "partition": "1/4",
-            "builtin": {"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
-            "crop_size": 32,
-            "scales": [1.0],
-        },
-        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": TINY}}},
-        "student": {"backbone": "mobilenet_v2"},
-        "schedule": TINY,
-        "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
+    return tiny_builtin_study("rerun", root, f"sqlite:///{root / 'mlflow.db'}", TINY, trials=4) | {
         "search": {
             "lambda_1": {"low": 1e-4, "high": 1e-1, "log": True},
             "lambda_2": {"low": 0.1, "high": 1000, "log": True},
@@ -51,9 +39,6 @@ def study_raw(root: Path) -> dict:
         "baselines": [{"method": "supervised"}],
         "seeds": [0, 1],
         "ray_train": {"in_trial": True},
-        "report": {"onnx": False},
-        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
-        "storage_path": str(root / "runs"),
     }
 
 

@@ -10,15 +10,12 @@ server killed for a minute and restarted, and the driver SIGKILLed mid-trial, th
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -31,10 +28,10 @@ from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
 from mgd_ray.predict import resolve_model
+from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group
 
 pytestmark = pytest.mark.slow  # a real Ray head, an MLflow server and whole studies
 
-BIN = Path(sys.executable).parent
 TINY_SCHEDULE = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 
 
@@ -66,20 +63,37 @@ def make_folder(root: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_for(predicate, timeout: float, what: str, poll: float = 2.0, progress=None):
+    """Poll `predicate` until it is truthy; fail after `timeout` s, or, given `progress`, after
+    `timeout` s in which `progress()` did not change.
 
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 2.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    A study on a loaded machine is slow, not stuck: a fixed window that two suites at once overran
+    (600 s for study B's first trial) says nothing, while "no MLflow run, status or metric changed
+    for 600 s" is a hang.
+    """
+    since, last = time.time(), progress() if progress else None
+    while time.time() < since + timeout:
         value = predicate()
         if value:
             return value
+        if progress:
+            now = progress()
+            if now != last:
+                since, last = time.time(), now
         time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    stalled = " with no progress" if progress else ""
+    raise TimeoutError(f"timed out after {timeout:.0f}s{stalled} waiting for {what}")
+
+
+def mlflow_progress(client: MlflowClient, study: str):
+    """Every run of a study's experiment, with its status and latest metrics: changes as it works."""
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return frozenset()
+    return frozenset(
+        (r.info.run_id, r.info.status, tuple(sorted(r.data.metrics.items())))
+        for r in client.search_runs([exp.experiment_id], max_results=1000)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,25 +113,7 @@ def env(tmp_path_factory):
     # only. (`ray stop --force` stops every Ray process on the machine: another suite's, or the
     # user's own cluster.)
     head_log = root / "ray_head.log"
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--num-cpus=2",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash_port}",
-            f"--dashboard-agent-listen-port={agent_port}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=head_log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    head = start_ray_head(head_log, env, gcs_port, dash_port, dashboard_agent_listen_port=agent_port)
     try:
         # What `ray start` without --block would have waited for before returning.
         wait_for(lambda: head.poll() is not None or "Ray runtime started" in head_log.read_text(), 180, "the Ray head")
@@ -138,40 +134,7 @@ def env(tmp_path_factory):
         }
     finally:
         stop_group(head)
-        with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop
-            os.killpg(servers[-1].pid, signal.SIGTERM)
-        servers[-1].wait(timeout=30)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGKILL ``process``'s process group, as ``ray stop --force`` would, but only that group's processes."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-
-
-def start_mlflow(root: Path, port: int, env: dict) -> subprocess.Popen:
-    """An MLflow server on 127.0.0.1:``port`` over ``root``'s sqlite store and artifact folder."""
-    return subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=(root / "mlflow.log").open("a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the server and its workers stop together
-    )
+        stop_group(servers[-1], signal.SIGTERM)
 
 
 def _alive(client: MlflowClient) -> bool:
@@ -426,7 +389,32 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
             if r.data.tags.get(tracking.KIND_TAG) == "trial" and r.info.status == "FINISHED"
         ]
 
-    done_before = wait_for(first_trial_finished, 600, "a finished search trial of study B")
+    checked = [0.0]
+
+    def job_progress():
+        if time.time() < checked[0] + 30:  # `ray job status` costs a CLI start: twice a minute
+            return mlflow_progress(client, "study-b")
+        checked[0] = time.time()
+        job = subprocess.run(  # noqa: PLW1510 (an ended job is reported, not asserted here)
+            [str(BIN / "ray"), "job", "status", "--address", env["dashboard"], job_id],
+            env=env["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        ended = [s for s in ("FAILED", "STOPPED", "SUCCEEDED") if f": {s}" in job.stdout]
+        if ended:  # fail now, with the job's own words, rather than at the end of the window
+            logs = subprocess.run(  # noqa: PLW1510
+                [str(BIN / "ray"), "job", "logs", "--address", env["dashboard"], job_id],
+                env=env["env"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            raise AssertionError(f"study B's job ended {ended[0]} before a trial finished:\n{logs.stdout[-3000:]}")
+        return mlflow_progress(client, "study-b")
+
+    done_before = wait_for(first_trial_finished, 600, "a finished search trial of study B", 2.0, job_progress)
     stop = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
         [str(BIN / "ray"), "job", "stop", "--address", env["dashboard"], job_id],
         env=env["env"],
@@ -527,15 +515,20 @@ def test_a_ddp_study_rides_through_a_killed_worker_an_mlflow_restart_and_a_kille
 
     try:
         # 1. A worker of the first trial's 2-worker group is SIGKILLed after its first evaluation.
-        first = wait_for(lambda: [r for r in trials() if evaluated(r)], 600, "study C's first evaluation", 0.5)[0]
+        first = wait_for(
+            lambda: [r for r in trials() if evaluated(r)],
+            600,
+            "study C's first evaluation",
+            0.5,
+            lambda: mlflow_progress(client, "study-c"),
+        )[0]
         workers = train_worker_pids()
         assert len(workers) == 2, workers  # the trial's DDP group, and nothing else trains now
         os.kill(workers[-1], signal.SIGKILL)
         killed_after = evaluated(first)
         assert killed_after[-1] < schedule["iterations"], killed_after  # the kill struck inside the trial
         # 2. The MLflow server dies with it, stays down for 60 s, and comes back on the same port.
-        os.killpg(env["servers"][-1].pid, signal.SIGKILL)
-        env["servers"][-1].wait(timeout=30)
+        stop_group(env["servers"][-1])
         time.sleep(60)
         outage_end_ms = time.time() * 1000
         env["servers"].append(start_mlflow(env["root"], env["mlflow_port"], env["env"]))
@@ -546,6 +539,7 @@ def test_a_ddp_study_rides_through_a_killed_worker_an_mlflow_restart_and_a_kille
             600,
             "study C's second trial to evaluate",
             0.5,
+            lambda: mlflow_progress(client, "study-c"),
         )[0]
         os.killpg(driver.pid, signal.SIGKILL)
         assert driver.wait(timeout=60) == -signal.SIGKILL

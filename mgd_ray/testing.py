@@ -1,0 +1,98 @@
+"""Local services and a tiny built-in study, for the tests and the benchmarks.
+
+Both start real ``mlflow server`` and ``ray start`` processes on 127.0.0.1 and stop them again.
+Each runs in a process group of its own and is stopped by signalling that group only: ``ray stop``
+would stop every Ray on the machine (another test suite's head, or the user's own cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent  # the venv's mlflow, ray and mgd-ray
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow(root: Path, port: int, env: dict[str, str] | None = None, workers: int = 1) -> subprocess.Popen:
+    """An MLflow server on 127.0.0.1:``port`` over ``root``'s sqlite store and artifact folder.
+
+    Started again on the same ``root`` and port it serves the same runs (a restarted server).
+    """
+    return subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+        + ["--workers", str(workers)],
+        env=env,
+        stdout=(root / "mlflow.log").open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the server and its workers stop together
+    )
+
+
+def start_ray_head(
+    log: Path, env: dict[str, str], gcs_port: int, dashboard_port: int, **ports: int
+) -> subprocess.Popen:
+    """``ray start --head --block`` with 2 CPUs on 127.0.0.1, in a process group of its own.
+
+    ``ports`` adds ``--NAME=PORT`` flags (``dashboard_agent_listen_port=...``). The head is up when
+    ``log`` says "Ray runtime started"; :func:`stop_group` stops it and only it.
+    """
+    flags = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}"]
+        + ["--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *flags]
+        + ["--disable-usage-stats"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal ``process``'s process group (SIGKILL, as ``ray stop --force`` would) and wait for it."""
+    with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop
+        os.killpg(process.pid, sig)
+    process.wait(timeout=60)
+
+
+def tiny_builtin_study(name: str, root: Path, uri: str, schedule: dict[str, int], trials: int) -> dict[str, Any]:
+    """A study file's dict: a ResNet-18 CPS teacher and ``trials`` MGD trials of a MobileNetV2
+    student, on 16 built-in images of 32 px with 4 labeled; seconds a job. Callers add or replace keys.
+    """
+    return {
+        "name": name,
+        "data": {
+            "dataset": "builtin",
+            "root": str(root / "data"),
+            "partition": "1/4",
+            "builtin": {"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
+            "crop_size": 32,
+            "scales": [1.0],
+        },
+        "teachers": {"T_D": {"model": {"backbone": "resnet18"}, "recipe": {"schedule": schedule}}},
+        "student": {"backbone": "mobilenet_v2"},
+        "schedule": schedule,
+        "distill": {"losses": {"image_teachers": ["T_D"], "region_teachers": ["T_D"], "pool_size": 2}},
+        "search": {
+            "lambda_1": {"low": 1e-4, "high": 1e-2, "log": True},
+            "lambda_2": {"low": 1, "high": 100, "log": True},
+        },
+        "searcher": {"num_samples": trials, "max_concurrent": 1, "seed": 0},
+        "report": {"onnx": False},
+        "mlflow": {"tracking_uri": uri},
+        "storage_path": str(root / "runs"),
+    }
