@@ -46,7 +46,7 @@ def main() -> int:
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
     stages: dict[str, list] = defaultdict(list)
-    print(f"\n{'run':28s} {'stage':10s} {'state':14s} {'wall s':>8s} {'train s':>8s}")
+    print(f"\n{'run':28s} {'stage':10s} {'state':14s} {'wall s':>8s} {'train s':>8s} {'data %':>7s} {'eval s':>7s}")
     for r in sorted(runs, key=lambda r: r.info.start_time):
         tags = r.data.tags
         if tags.get("mgd_ray.kind") == "study":
@@ -56,13 +56,25 @@ def main() -> int:
         train = r.data.metrics.get("time/train_s", float("nan"))
         stage = tags.get("mgd_ray.stage", "?")
         stages[stage].append((r.info.start_time, end, secs, train))
+        # The training loop's own clock (its last evaluation interval): the batch draw's share of a
+        # step, and the seconds one evaluation took.
+        share = 100 * r.data.metrics.get("time/data_share", float("nan"))
+        evals = r.data.metrics.get("time/eval_s", float("nan"))
         print(
-            f"{tags.get('mlflow.runName', r.info.run_id)[:28]:28s} {stage:10s} {tags.get('mgd_ray.state', '?'):14s} {secs:8.1f} {train:8.1f}"
+            f"{tags.get('mlflow.runName', r.info.run_id)[:28]:28s} {stage:10s} {tags.get('mgd_ray.state', '?'):14s}"
+            f" {secs:8.1f} {train:8.1f} {share:7.1f} {evals:7.2f}"
         )
     print(f"\n{'stage':10s} {'wall s':>8s} {'runs':>5s} {'run-seconds':>12s}")
     for stage, items in stages.items():
         span = (max(e for _, e, _, _ in items) - min(s for s, _, _, _ in items)) / 1000
         print(f"{stage:10s} {span:8.1f} {len(items):5d} {sum(s for _, _, s, _ in items):12.1f}")
+    # Seconds in which no run of the study was open: the driver's start, Ray's, the data check, the report.
+    spans = sorted((s, e) for items in stages.values() for s, e, _, _ in items)
+    covered, reach = 0.0, 0
+    for s_, e in spans:
+        covered += max(0, e - max(s_, reach)) / 1000
+        reach = max(reach, e)
+    print(f"{'no run':10s} {wall - covered:8.1f}   (driver and Ray start-up, data check, report)")
     print(
         f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {next(work.glob('mgd_ray_runs/*/*/report/report.md'), None)}"
     )

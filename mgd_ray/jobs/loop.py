@@ -131,6 +131,13 @@ class TermMeans:
         return means
 
 
+def step_times(clock: dict[str, float]) -> dict[str, float]:
+    """Mean ms per step spent drawing the batch (loading, augmenting, CutMix) and in the step itself,
+    and the data's share of the two: the figure that says whether loading needs overlapping."""
+    data, step = clock["time/data_ms"], clock["time/step_ms"]
+    return clock | {"time/data_share": data / (data + step) if data + step > 0 else 0.0}
+
+
 class DrawnImages:
     """How many times each image was drawn to train, per stream: the record of the exact images a run
     trained on (``model.pt``'s ``drawn``), over all ranks and across a resume."""
@@ -206,12 +213,14 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
     model.train()
     progress = Progress(spec.name, schedule.iterations, start, env)
     stream = batches(ctx.data, schedule, ctx.data_cfg.loader_workers, env, start, spec.unlabeled)
-    means = TermMeans()
+    means, clock = TermMeans(), TermMeans()
     metrics: dict[str, float] = {}
     precision = step_precision(spec.name, ctx.optim, env)
     for step in range(start + 1, schedule.iterations + 1):
+        t0 = time.perf_counter()
         batch = next(stream)
         drawn.add(batch)
+        t1 = time.perf_counter()
         with precision:
             terms = spec.step(batch, step)
         loss = torch.stack(list(terms.values())).sum()
@@ -222,16 +231,20 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
         if spec.after_step is not None:
             spec.after_step(step)
         values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()} | {"loss/total": float(loss.detach())}
+        # After float(loss): on CUDA the step's kernels have run by then.
+        clock.add({"time/data_ms": (t1 - t0) * 1e3, "time/step_ms": (time.perf_counter() - t1) * 1e3})
         means.add(values)
         progress.step(step, values)
         if step % schedule.eval_every and step != schedule.iterations:
             continue
         metrics = {"step": step, "lr": sched.get_last_lr()[0], "replica_spread": replica_spread(model, env)}
-        metrics |= all_reduce_mean(means.pop(), env)
+        metrics |= all_reduce_mean(means.pop() | step_times(clock.pop()), env)
         if spec.extra_metrics is not None:
             metrics |= all_reduce_mean(spec.extra_metrics(), env)
         evaluated = spec.evaluated()
+        t0 = time.perf_counter()
         confusion = _evaluate_all(evaluated, ctx, metrics)
+        metrics["time/eval_s"] = time.perf_counter() - t0
         history.append(metrics)
         counts = drawn.gathered(env)
         ckpt_dir = None

@@ -172,3 +172,36 @@ def test_bf16_training_runs_the_networks_forward_in_bf16_and_keeps_fp32_weights(
     assert math.isfinite(metrics["loss/total"]) and 0 <= metrics["val/mIoU"] <= 100
     state = torch.load(reports[-1][1] / MODEL_FILE, weights_only=True)["state_dict"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_each_evaluation_reports_where_the_steps_time_went(tiny_data_cfg, tiny_schedule, tmp_path, monkeypatch):
+    """``time/data_ms`` is the batch draw's share of a step, ``time/step_ms`` the rest: a draw made
+    50 ms slower shows in the first, not in the second, and the share is their ratio."""
+    import time
+
+    from mgd_ray.jobs import loop
+    from mgd_ray.jobs.baselines import run_baseline
+
+    real = loop.batches
+
+    def slow_batches(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(loop, "batches", slow_batches)
+    cfg = parse_job_config("baseline", {"method": "supervised", "data": tiny_data_cfg, "schedule": tiny_schedule})
+    reports: list[dict] = []
+    run_baseline(cfg, lambda m, c: reports.append(m), tmp_path)
+    assert [m["step"] for m in reports] == [2, 4]
+    for m in reports:
+        assert m["time/data_ms"] >= 50 and 0 < m["time/step_ms"]
+        assert m["time/data_share"] == pytest.approx(m["time/data_ms"] / (m["time/data_ms"] + m["time/step_ms"]))
+        assert m["time/eval_s"] > 0
+
+
+def test_step_times_share():
+    from mgd_ray.jobs.loop import step_times
+
+    assert step_times({"time/data_ms": 1.0, "time/step_ms": 3.0})["time/data_share"] == 0.25
+    assert step_times({"time/data_ms": 0.0, "time/step_ms": 0.0})["time/data_share"] == 0.0
