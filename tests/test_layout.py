@@ -17,7 +17,7 @@ LAYERS = [
     ("jobs",),
     ("train", "tracking", "plots", "final_eval", "predict", "export", "serving"),
     ("study",),
-    ("cli", "__main__"),
+    ("cli", "__main__", "testing"),  # testing: the tests' and benchmarks' local services
 ]
 # Plain functions of a config that run under Ray Train, torchrun or a test alike.
 RAY_FREE = (

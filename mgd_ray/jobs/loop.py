@@ -244,7 +244,9 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
         evaluated = spec.evaluated()
         t0 = time.perf_counter()
         confusion = _evaluate_all(evaluated, ctx, metrics)
-        metrics["time/eval_s"] = time.perf_counter() - t0
+        metrics |= all_reduce_mean(
+            {"time/eval_s": time.perf_counter() - t0}, env
+        )  # as every metric: one value on all ranks
         history.append(metrics)
         counts = drawn.gathered(env)
         ckpt_dir = None
