@@ -202,7 +202,8 @@ def part_concurrent(work: Path, uri: str, check: Checks) -> None:
     # Ray's local clusters authenticate with a token; the drivers get it from the environment.
     env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     env.pop("RAY_ADDRESS", None)
-    head = start_ray_head(work / "ray_head.log", env, gcs, dash)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))  # its own ray_current_cluster (mgd_ray.testing)
+    head = start_ray_head(work / "ray_head.log", env, gcs, dash, ray_tmp)
     for _ in range(300):  # what `ray start` without --block waits for
         if head.poll() is not None or "Ray runtime started" in (work / "ray_head.log").read_text():
             break
@@ -224,6 +225,7 @@ def part_concurrent(work: Path, uri: str, check: Checks) -> None:
         print(f"  both drivers ended in {time.time() - start:.0f} s", flush=True)
     finally:
         stop_group(head)  # this head's processes only
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     client = MlflowClient(uri)
     for name, rc in zip(names, codes, strict=True):
         check(rc == 0, f"{name}: finished (exit {rc})", "" if rc == 0 else str(work / f"{name}.log"))

@@ -43,10 +43,14 @@ def start_mlflow(root: Path, port: int, env: dict[str, str] | None = None, worke
 
 
 def start_ray_head(
-    log: Path, env: dict[str, str], gcs_port: int, dashboard_port: int, **ports: int
+    log: Path, env: dict[str, str], gcs_port: int, dashboard_port: int, temp_dir: Path, **ports: int
 ) -> subprocess.Popen:
     """``ray start --head --block`` with 2 CPUs on 127.0.0.1, in a process group of its own.
 
+    ``temp_dir`` is the head's own Ray temp dir (keep it short: Ray's socket paths live in it).
+    With the default, /tmp/ray, a job submitted to this head runs its driver against whichever Ray
+    last started on the machine: the job supervisor resolves the driver's address from
+    ``<temp dir>/ray_current_cluster``, which every ``ray start`` and ``ray.init()`` there rewrites.
     ``ports`` adds ``--NAME=PORT`` flags (``dashboard_agent_listen_port=...``). The head is up when
     ``log`` says "Ray runtime started"; :func:`stop_group` stops it and only it.
     """
@@ -54,7 +58,7 @@ def start_ray_head(
     return subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}"]
         + ["--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *flags]
-        + ["--disable-usage-stats"],
+        + [f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

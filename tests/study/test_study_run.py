@@ -14,8 +14,10 @@ import csv
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -113,7 +115,10 @@ def env(tmp_path_factory):
     # only. (`ray stop --force` stops every Ray process on the machine: another suite's, or the
     # user's own cluster.)
     head_log = root / "ray_head.log"
-    head = start_ray_head(head_log, env, gcs_port, dash_port, dashboard_agent_listen_port=agent_port)
+    # A Ray temp dir of its own (short: Ray's sockets live there): with /tmp/ray, study B's job
+    # driver connected to another suite's Ray, which had started later (found running two suites).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))
+    head = start_ray_head(head_log, env, gcs_port, dash_port, ray_tmp, dashboard_agent_listen_port=agent_port)
     try:
         # What `ray start` without --block would have waited for before returning.
         wait_for(lambda: head.poll() is not None or "Ray runtime started" in head_log.read_text(), 180, "the Ray head")
@@ -135,6 +140,7 @@ def env(tmp_path_factory):
     finally:
         stop_group(head)
         stop_group(servers[-1], signal.SIGTERM)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _alive(client: MlflowClient) -> bool:
@@ -215,6 +221,30 @@ def job_agent_ready(env: dict) -> bool:
             return answer.status == 200
     except OSError:  # refused, reset or timed out: not up yet
         return False
+
+
+def _job_api(env: dict, path: str) -> dict:
+    """GET the head's job REST API (``/api/jobs/...``) with the cluster's token."""
+    request = urllib.request.Request(
+        f"{env['dashboard']}/api/jobs/{path}", headers={"Authorization": f"Bearer {env['env']['RAY_AUTH_TOKEN']}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
+
+
+def job_status(env: dict, job_id: str) -> str:
+    """PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED; UNKNOWN when the dashboard does not answer now."""
+    try:
+        return _job_api(env, job_id)["status"]
+    except OSError:
+        return "UNKNOWN"
+
+
+def job_logs(env: dict, job_id: str) -> str:
+    try:
+        return _job_api(env, f"{job_id}/logs")["logs"][-3000:]
+    except OSError as e:
+        return f"(no logs: {e})"
 
 
 def submit(env: dict, args: list[str], cwd: Path, wait: bool, job_id: str) -> subprocess.CompletedProcess:
@@ -389,30 +419,11 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
             if r.data.tags.get(tracking.KIND_TAG) == "trial" and r.info.status == "FINISHED"
         ]
 
-    checked = [0.0]
-
     def job_progress():
-        if time.time() < checked[0] + 30:  # `ray job status` costs a CLI start: twice a minute
-            return mlflow_progress(client, "study-b")
-        checked[0] = time.time()
-        job = subprocess.run(  # noqa: PLW1510 (an ended job is reported, not asserted here)
-            [str(BIN / "ray"), "job", "status", "--address", env["dashboard"], job_id],
-            env=env["env"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        ended = [s for s in ("FAILED", "STOPPED", "SUCCEEDED") if f": {s}" in job.stdout]
-        if ended:  # fail now, with the job's own words, rather than at the end of the window
-            logs = subprocess.run(  # noqa: PLW1510
-                [str(BIN / "ray"), "job", "logs", "--address", env["dashboard"], job_id],
-                env=env["env"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            raise AssertionError(f"study B's job ended {ended[0]} before a trial finished:\n{logs.stdout[-3000:]}")
-        return mlflow_progress(client, "study-b")
+        status = job_status(env, job_id)
+        if status in ("FAILED", "STOPPED", "SUCCEEDED"):  # fail now, with the job's own words
+            raise AssertionError(f"study B's job ended {status} before a trial finished:\n{job_logs(env, job_id)}")
+        return status, mlflow_progress(client, "study-b")
 
     done_before = wait_for(first_trial_finished, 600, "a finished search trial of study B", 2.0, job_progress)
     stop = subprocess.run(  # noqa: PLW1510 (return codes are asserted)
