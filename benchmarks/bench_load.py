@@ -37,7 +37,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mgd_ray.study import claims
-from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group, tiny_builtin_study
+from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group, tiny_builtin_study, wait_started
 
 TINY = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 TICK = os.sysconf("SC_CLK_TCK")
@@ -204,12 +204,7 @@ def part_concurrent(work: Path, uri: str, check: Checks) -> None:
     env.pop("RAY_ADDRESS", None)
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))  # its own ray_current_cluster (mgd_ray.testing)
     head = start_ray_head(work / "ray_head.log", env, gcs, dash, ray_tmp)
-    for _ in range(300):  # what `ray start` without --block waits for
-        if head.poll() is not None or "Ray runtime started" in (work / "ray_head.log").read_text():
-            break
-        time.sleep(1)
-    if head.poll() is not None:
-        raise RuntimeError(f"ray start failed (exit {head.returncode}); see {work / 'ray_head.log'}")
+    wait_started(head, work / "ray_head.log")
     names = ["twin-a", "twin-b"]
     try:
         drivers = []

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def start_ray_head(
     ``temp_dir`` is the head's own Ray temp dir (keep it short: Ray's socket paths live in it).
     With the default, /tmp/ray, a job submitted to this head runs its driver against whichever Ray
     last started on the machine: the job supervisor resolves the driver's address from
-    ``<temp dir>/ray_current_cluster``, which every ``ray start`` and ``ray.init()`` there rewrites.
+    ``<temp dir>/ray_current_cluster``, which every ``ray start`` there rewrites.
     ``ports`` adds ``--NAME=PORT`` flags (``dashboard_agent_listen_port=...``). The head is up when
     ``log`` says "Ray runtime started"; :func:`stop_group` stops it and only it.
     """
@@ -64,6 +65,17 @@ def start_ray_head(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def wait_started(head: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait for :func:`start_ray_head`'s head to say it is up, as ``ray start`` without --block would."""
+    deadline = time.time() + timeout
+    while head.poll() is None and "Ray runtime started" not in log.read_text():
+        if time.time() > deadline:
+            raise TimeoutError(f"the Ray head did not start within {timeout:.0f}s; see {log}")
+        time.sleep(1)
+    if head.poll() is not None:
+        raise RuntimeError(f"ray start failed (exit {head.returncode}): {log.read_text()[-2000:]}")
 
 
 def stop_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

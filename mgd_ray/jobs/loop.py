@@ -244,9 +244,8 @@ def fit(spec: FitSpec, ctx: JobContext, resume: dict[str, Any] | None = None) ->
         evaluated = spec.evaluated()
         t0 = time.perf_counter()
         confusion = _evaluate_all(evaluated, ctx, metrics)
-        metrics |= all_reduce_mean(
-            {"time/eval_s": time.perf_counter() - t0}, env
-        )  # as every metric: one value on all ranks
+        # Reduced as every metric is: one value on all ranks.
+        metrics |= all_reduce_mean({"time/eval_s": time.perf_counter() - t0}, env)
         history.append(metrics)
         counts = drawn.gathered(env)
         ckpt_dir = None

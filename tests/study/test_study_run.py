@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
 from mgd_ray.predict import resolve_model
-from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group
+from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group, wait_started
 
 pytestmark = pytest.mark.slow  # a real Ray head, an MLflow server and whole studies
 
@@ -74,14 +74,15 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 2.0, progress=N
     for 600 s" is a hang.
     """
     since, last = time.time(), progress() if progress else None
+    checked = since
     while time.time() < since + timeout:
         value = predicate()
         if value:
             return value
-        if progress:
-            now = progress()
+        if progress and time.time() > checked + 10:  # progress needs no finer grain than 10 s
+            checked, now = time.time(), progress()
             if now != last:
-                since, last = time.time(), now
+                since, last = checked, now
         time.sleep(poll)
     stalled = " with no progress" if progress else ""
     raise TimeoutError(f"timed out after {timeout:.0f}s{stalled} waiting for {what}")
@@ -89,12 +90,8 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 2.0, progress=N
 
 def mlflow_progress(client: MlflowClient, study: str):
     """Every run of a study's experiment, with its status and latest metrics: changes as it works."""
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        return frozenset()
     return frozenset(
-        (r.info.run_id, r.info.status, tuple(sorted(r.data.metrics.items())))
-        for r in client.search_runs([exp.experiment_id], max_results=1000)
+        (r.info.run_id, r.info.status, tuple(sorted(r.data.metrics.items()))) for r in study_runs(client, study)
     )
 
 
@@ -120,10 +117,7 @@ def env(tmp_path_factory):
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))
     head = start_ray_head(head_log, env, gcs_port, dash_port, ray_tmp, dashboard_agent_listen_port=agent_port)
     try:
-        # What `ray start` without --block would have waited for before returning.
-        wait_for(lambda: head.poll() is not None or "Ray runtime started" in head_log.read_text(), 180, "the Ray head")
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start failed (exit {head.returncode}): {head_log.read_text()[-2000:]}")
+        wait_started(head, head_log, 180)
         client = MlflowClient(uri)
         wait_for(lambda: _alive(client), 120, "the MLflow server")
         yield {
@@ -189,15 +183,14 @@ def study_file(root: Path, name: str, uri: str, folder: str = ".", **extra) -> P
     return path
 
 
-def child_runs(client: MlflowClient, study: str) -> list:
+def study_runs(client: MlflowClient, study: str) -> list:
+    """Every run of a study's experiment, its parent runs included."""
     exp = client.get_experiment_by_name(study)
-    if exp is None:
-        return []
-    return [
-        r
-        for r in client.search_runs([exp.experiment_id], max_results=1000)
-        if r.data.tags.get(tracking.KIND_TAG) != "study"
-    ]
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def child_runs(client: MlflowClient, study: str) -> list:
+    return [r for r in study_runs(client, study) if r.data.tags.get(tracking.KIND_TAG) != "study"]
 
 
 def mgd_ray(env: dict, command: str, path: Path, timeout: float) -> subprocess.CompletedProcess:
