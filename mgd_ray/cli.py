@@ -192,12 +192,11 @@ def _study_for(args: argparse.Namespace, smoke: bool = False):  # -> StudyConfig
     if args.storage:
         study = study.model_copy(update={"storage_path": args.storage})
     if args.address:
-        import ray
-
         from mgd_ray import tracking
+        from mgd_ray.ray_connect import connect_ray
 
         tracking.require_reachable(tracking.resolve_tracking_uri(study.mlflow.tracking_uri, Path.cwd()))
-        ray.init(address=args.address)
+        connect_ray(args.address)
     return study
 
 

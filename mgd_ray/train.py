@@ -36,6 +36,7 @@ from mgd_ray.jobs.baselines import run_baseline
 from mgd_ray.jobs.cps import run_teacher
 from mgd_ray.jobs.distill import run_distill
 from mgd_ray.jobs.pretrain import BACKBONE_FILE, run_pretrain
+from mgd_ray.ray_connect import connect_ray
 from mgd_ray.tracking import client_for, log_metrics, logged_steps, set_tags
 
 JOBS = {"teacher": run_teacher, "student": run_distill, "baseline": run_baseline, "pretrain": run_pretrain}
@@ -199,7 +200,7 @@ def run_job(
     name: str | None = None,
     max_failures: int = 0,
 ) -> JobResult:
-    """Run one job on the Ray cluster ``ray.init`` finds (a local one by default).
+    """Run one job on the Ray cluster ``connect_ray`` finds (a local one by default).
 
     Relative paths of the config are resolved against the driver's working directory before the
     config travels to the workers, and every data file is checked (``check_data``) before any
@@ -212,6 +213,7 @@ def run_job(
         print(require_clean(check_data(cfg.data)).text(), flush=True)
     storage = Path(storage_path).resolve()
     name = name or f"{cfg.kind}-{cfg.output.name}"
+    connect_ray()  # before Trainer.fit's own ray.init, which would wait on a dead recorded cluster
     trainer = make_trainer(cfg, scaling, storage, name, max_failures)
     result = trainer.fit()
     model_path = copy_exported_model(result, cfg.output, name=exported_file(cfg))

@@ -15,7 +15,7 @@ LAYERS = [
     ("losses", "metrics", "checkpoint"),
     ("teachers", "teacher_cache"),
     ("jobs",),
-    ("train", "tracking", "plots", "final_eval", "predict", "export", "serving"),
+    ("ray_connect", "train", "tracking", "plots", "final_eval", "predict", "export", "serving"),
     ("study",),
     ("cli", "__main__", "testing"),  # testing: the tests' and benchmarks' local services
 ]

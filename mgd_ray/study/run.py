@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
@@ -23,6 +22,7 @@ from mgd_ray.config import absolute_paths
 from mgd_ray.data.check import DataReport, check_data, require_clean
 from mgd_ray.data.datasets import DatasetError
 from mgd_ray.data.stream import with_manifest
+from mgd_ray.ray_connect import connect_ray
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.report import write_report
@@ -63,12 +63,11 @@ class StudyState:
 
 
 def run_study(study: StudyConfig, source: Path | None = None, resume: bool = False, base: Path | None = None) -> Path:
-    """Run (or resume) a whole study on the Ray cluster ``ray.init`` finds; returns the report file."""
+    """Run (or resume) a whole study on the Ray cluster ``connect_ray`` finds; returns the report file."""
     plan, state, data_report = _open(study, resume, base or Path.cwd())
     client = tracking.client_for(plan.tracking_uri)
     _log_study(plan, client, source, data_report)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    connect_ray()
     try:
         report = _run_stages(plan, state, client, resume, tested=data_report.images["test"] > 0)
     except BaseException:
@@ -84,8 +83,7 @@ def pretrain_study(study: StudyConfig, source: Path | None = None, base: Path | 
     plan, state, data_report = _open(study, False, base or Path.cwd())
     client = tracking.client_for(plan.tracking_uri)
     _log_study(plan, client, source, data_report)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    connect_ray()
     tracking.set_tags(client, plan.parent_run_id, {"mgd_ray.only": "pretrain"})
     try:
         state.values["pretrained"] = stage_pretrain(plan, False)
