@@ -202,15 +202,19 @@ def _study_for(args: argparse.Namespace, smoke: bool = False):  # -> StudyConfig
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from mgd_ray.data.datasets import DatasetError
-    from mgd_ray.study.run import run_study
+    from mgd_ray.study.records import StudyRecordError
+    from mgd_ray.study.run import run_study, run_table
+    from mgd_ray.study.search import SearchStorageError, WarmStartError
     from mgd_ray.tracking import TrackingError
 
     try:
         study = _study_for(args, args.smoke)
         if study is None:
             return 2
-        report = run_study(study, source=Path(args.study), resume=args.resume)
-    except (TrackingError, DatasetError) as err:  # found before any training: one line, no traceback
+        run = run_table if study.data.partitions else run_study
+        report = run(study, source=Path(args.study), resume=args.resume)
+    except (TrackingError, SearchStorageError, StudyRecordError, WarmStartError, DatasetError) as err:
+        # found before any training: one line, no traceback
         print(err, file=sys.stderr)
         return 2
     print(f"report: {report}")
@@ -219,7 +223,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mgd_ray.data.datasets import DatasetError
+    from mgd_ray.study.records import StudyRecordError
     from mgd_ray.study.run import pretrain_study
+    from mgd_ray.study.search import SearchStorageError, WarmStartError
     from mgd_ray.tracking import TrackingError
 
     try:
@@ -227,7 +233,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         if study is None:
             return 2
         done = pretrain_study(study, source=Path(args.study))
-    except (TrackingError, DatasetError) as err:
+    except (TrackingError, SearchStorageError, StudyRecordError, WarmStartError, DatasetError) as err:
         print(err, file=sys.stderr)
         return 2
     if not done:
@@ -290,6 +296,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"mgd-ray export: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}; input (N, 3, H, W) normalised RGB, output (N, C, H, W) logits)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mgd_ray import tracking
+    from mgd_ray.study.compare import write_compare
+    from mgd_ray.study.records import StudyRecordError
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, Path.cwd())
+    try:
+        tracking.require_reachable(uri)
+        text, files = write_compare(uri, args.studies, Path(args.out))
+    except (tracking.TrackingError, StudyRecordError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(text)
+    print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
@@ -416,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--classes", default=None, help=classes_help)
     export.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help=uri_help)
     export.set_defaults(func=_cmd_export)
+
+    compare = sub.add_parser("compare", help="best configuration, mIoU and cost of several studies, side by side")
+    compare.add_argument("studies", nargs="+", help="study names (each one's newest finished run) or parent run ids")
+    compare.add_argument("--out", default="compare", help="folder for compare.md and compare.png (default compare/)")
+    compare.add_argument(
+        "--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI the studies ran with"
+    )
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

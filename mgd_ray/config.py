@@ -63,6 +63,8 @@ class DataConfig(Strict):
     dataset: Literal["builtin", "voc", "cityscapes", "folder"] = "builtin"
     root: Path = Path("data/builtin")
     partition: str = "1/16"  # a folder dataset's default is "all": every mask it has
+    # A study only: one study per partition, and one table of them (``mgd_ray.study.table``).
+    partitions: tuple[str, ...] = ()
     labeled: PositiveInt | None = None
     labeled_list: Path | None = None
     val: Path | Share | None = None  # folder: default 0.2 of the labeled images
@@ -82,7 +84,12 @@ class DataConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _folder_keeps_every_label(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("dataset") != "folder" or "partition" in data:
+        if (
+            not isinstance(data, dict)
+            or data.get("dataset") != "folder"
+            or "partition" in data
+            or data.get("partitions")
+        ):
             return data
         if data.get("labeled") is None and data.get("labeled_list") is None:
             return {**data, "partition": "all"}
@@ -91,12 +98,16 @@ class DataConfig(Strict):
     @field_validator("partition")
     @classmethod
     def _known_partition(cls, value: str) -> str:
-        value = value.strip()
-        ratio = re.fullmatch(r"(\d+)\s*[/-]\s*(\d+)", value)
-        value = f"{ratio[1]}/{ratio[2]}" if ratio else value
-        if value != "all" and labeled_share(value) is None:
-            raise ValueError(f"must be a fraction in (0, 1] such as 1/16 or 0.03, or all (got {value!r})")
-        return value
+        return normal_partition(value)
+
+    @field_validator("partitions")
+    @classmethod
+    def _known_partitions(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(normal_partition(v) for v in values)
+        twice = sorted({v for v in out if out.count(v) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return out
 
     @model_validator(mode="after")
     def _options_of_the_dataset(self) -> DataConfig:
@@ -105,12 +116,16 @@ class DataConfig(Strict):
             errors.append("labeled: give a count or a labeled_list, not both")
         if (self.labeled is not None or self.labeled_list is not None) and "partition" in self.model_fields_set:
             errors.append("partition: give a partition or a labeled count/list, not both")
+        if self.partitions and ({"partition", "labeled", "labeled_list"} & self.model_fields_set):
+            errors.append(
+                "partitions: give partitions (one study each) or one partition/labeled/labeled_list, not both"
+            )
 
         def given(*names: str) -> list[str]:
             return [f for f in names if f in self.model_fields_set and getattr(self, f) not in (None, ())]
 
         if self.dataset in ("voc", "cityscapes"):
-            if self.partition == "all":
+            if self.partition == "all" or "all" in self.partitions:
                 errors.append(
                     f"partition: {self.dataset} keeps a share of its labels: 1/16..1/2 (shipped) or any fraction"
                 )
@@ -134,6 +149,16 @@ class DataConfig(Strict):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+def normal_partition(value: str) -> str:
+    """``" 1-16 "`` → ``"1/16"``; a fraction in (0, 1] or ``all``, else a ValueError saying so."""
+    value = value.strip()
+    ratio = re.fullmatch(r"(\d+)\s*[/-]\s*(\d+)", value)
+    value = f"{ratio[1]}/{ratio[2]}" if ratio else value
+    if value != "all" and labeled_share(value) is None:
+        raise ValueError(f"must be a fraction in (0, 1] such as 1/16 or 0.03, or all (got {value!r})")
+    return value
 
 
 def labeled_share(text: str) -> float | None:
@@ -412,3 +437,11 @@ def absolute_paths(cfg: Strict, base: Path) -> Strict:
         return value
 
     return cfg.model_copy(update={name: fix(getattr(cfg, name)) for name in type(cfg).model_fields})
+
+
+def absolute_sqlite_url(url: str, base: Path) -> str:
+    """``sqlite:///x.db`` relative to ``base`` made absolute (``sqlite:////abs/x.db``), so that every
+    process that opens it, wherever it starts, opens the same file; other URLs are returned as they are."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / url.removeprefix("sqlite:///")).resolve())
+    return url

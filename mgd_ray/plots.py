@@ -22,6 +22,7 @@ KIND_STYLE = {  # kind → (marker, colour, size, legend label)
     "trial": ("o", "#9aa5b1", 28, "trials"),
     "baseline": ("s", "#e07b39", 44, "baselines"),
     "teacher": ("^", "#6a4c93", 52, "teachers"),
+    "mgd": ("D", "#264653", 48, "MGD (best configuration)"),  # one per study, in mgd-ray compare
 }
 COST_LABELS = {"gflops": "GFLOPs per image", "latency_ms": "latency (ms per image)", "params_m": "parameters (M)"}
 
@@ -69,7 +70,7 @@ def plot_miou_vs_cost(
 ) -> Path:
     """Scatter of mIoU against ``cost_key`` for trials, baselines and teachers; Pareto front marked.
 
-    ``rows`` are dicts with name, kind (trial | baseline | teacher), miou and the cost; rows without
+    ``rows`` are dicts with name, kind (trial | baseline | teacher | mgd), miou and the cost; rows without
     the cost (e.g. no measured latency) are left out. The front points are ringed and named.
     """
     usable = [r for r in rows if r.get(cost_key) is not None and r.get("miou") is not None]

@@ -112,3 +112,62 @@ def tiny_builtin_study(name: str, root: Path, uri: str, schedule: dict[str, int]
         "mlflow": {"tracking_uri": uri},
         "storage_path": str(root / "runs"),
     }
+
+
+def record_study(
+    uri: str,
+    raw: dict[str, Any],
+    trials: list[tuple[dict[str, Any], list[float], str]],
+    baselines: dict[str, list[float]] | None = None,
+    repeats: list[float] = (),
+    cost: dict[str, float] | None = None,
+) -> str:
+    """Write a finished study's record into MLflow directly, as ``mgd-ray run`` leaves it, without
+    training: the parent run (tags, ``study/resolved_study.json``, the report's cost metrics) and its
+    child runs. ``trials``: (params, val mIoU per evaluation, state); ``baselines``: name → last val
+    mIoU per seed; ``repeats``: the best finished trial's configuration on further seeds. Returns the
+    parent run id."""
+    import json
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    from mgd_ray import tracking
+    from mgd_ray.study.config import parse_study
+
+    study = parse_study(raw)
+    client = tracking.client_for(uri)
+    exp = tracking.ensure_experiment(client, study.experiment)
+    key = f"study/{study.name}/{time.time_ns()}"
+    tags = {tracking.STUDY_TAG: study.name, tracking.KIND_TAG: "study"}
+    parent, _ = tracking.get_or_create_run(client, exp, key, f"study {study.name}", tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "resolved_study.json"
+        resolved.write_text(study.model_dump_json(indent=2))
+        tracking.log_files(client, parent, [resolved], "study")
+    if cost:
+        tracking.log_metrics(client, parent, cost, step=0)
+
+    def child(name: str, kind: str, state: str, params: dict[str, Any], history: list[float], extra: dict) -> None:
+        run_id, _ = tracking.get_or_create_run(
+            client, exp, f"{key}/{name}", name, {tracking.KIND_TAG: kind, "mgd_ray.params": json.dumps(params)}, parent
+        )
+        tracking.set_tags(client, run_id, {tracking.STATE_TAG: state, **extra})
+        metrics = [Metric("val/mIoU", v, 1000 * step, step) for step, v in enumerate(history, 1)]
+        client.log_batch(run_id, metrics=metrics)
+        client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
+
+    for i, (params, history, state) in enumerate(trials):
+        child(f"trial_{i}", "trial", state, params, history, {})
+    for name, values in (baselines or {}).items():
+        for seed, value in enumerate(values):
+            child(
+                f"{name}_{seed}", "baseline", "finished", {}, [value], {"mgd_ray.baseline": name, "mgd_ray.seed": seed}
+            )
+    finished = [(h[-1], p) for p, h, s in trials if s == "finished" and h]
+    best = max(finished, key=lambda t: t[0])[1] if finished else {}
+    for seed, value in enumerate(repeats, 1):
+        child(f"repeat_{seed}", "repeat", "finished", best, [value], {"mgd_ray.seed": seed})
+    tracking.set_tags(client, parent, {tracking.STATE_TAG: "finished"})
+    client.set_terminated(parent, "FINISHED")
+    return parent

@@ -20,6 +20,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mgd_ray.config import absolute_sqlite_url
+
 KEY_TAG = "mgd_ray.key"
 STUDY_TAG = "mgd_ray.study"
 KIND_TAG = "mgd_ray.kind"  # study | pretrain | teacher | trial | baseline | repeat
@@ -32,8 +34,8 @@ CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 
 def resolve_tracking_uri(uri: str, base: Path) -> str:
     """Make a relative ``sqlite:///x.db`` / ``file:x`` / bare-path store absolute, so workers agree on it."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str((base / uri.removeprefix("sqlite:///")).resolve())
+    if uri.startswith("sqlite:///"):
+        return absolute_sqlite_url(uri, base)
     if uri.startswith("file:") and not uri.startswith("file:/"):
         return "file:" + str((base / uri.removeprefix("file:")).resolve())
     if "://" not in uri and not uri.startswith("file:") and not uri.startswith("databricks"):

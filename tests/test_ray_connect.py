@@ -80,7 +80,9 @@ def test_the_users_address_is_kept_without_reading_the_record(tmp_path, dead_add
     assert not [r for r in caplog.records if r.name == "mgd_ray.ray"]
 
 
-def test_connect_ray_starts_a_local_ray_when_rays_own_record_is_stale(dead_address, no_ray_address, monkeypatch, caplog):
+def test_connect_ray_starts_a_local_ray_when_rays_own_record_is_stale(
+    dead_address, no_ray_address, monkeypatch, caplog
+):
     """End to end, through Ray's own lookup: RAY_TMPDIR points Ray's temp dir (and so its
     ray_current_cluster) at a folder of the test's; plain ray.init() would retry the dead address
     for minutes."""

@@ -30,6 +30,7 @@ class PaperComplexity(NamedTuple):
 
 
 # Table 1 of the paper, with the configuration (found by counting) that reproduces each row.
+# The paper's mIoU figures (Tables 1–5) are models.paper_figures.PAPER_FIGURES.
 PAPER_TABLE1 = {
     "resnet101": PaperComplexity("deep", 16, 42.63, 59.13),
     "wide_resnet50_2": PaperComplexity("plain", 16, 66.83, 91.12),

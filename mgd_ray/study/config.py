@@ -211,11 +211,46 @@ class DistillDefaults(Strict):
     teacher_cache_steps: PositiveInt | None = None
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
 class SearcherConfig(Strict):
+    """``storage``: an SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql://user@host/db``) where
+    the search's Optuna study is kept, trial by trial, for ``optuna-dashboard`` and for the record;
+    without it the Optuna study lives only in the driver (and in Tune's snapshots, for ``--resume``)."""
+
     sampler: Literal["tpe", "random", "cmaes"] = "tpe"
     seed: int = 0
     num_samples: PositiveInt = 8
     max_concurrent: PositiveInt = 2
+    storage: str | None = None
+    # Earlier studies (names, or parent run ids) in the same tracking store whose best finished trials
+    # the search runs first: e.g. a search at 1/8 seeded by the 1/16 study's best configurations.
+    warm_start: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    warm_start_best: PositiveInt = 1  # how many of each earlier study's best trials
+
+    @model_validator(mode="after")
+    def _warm_start_fits(self) -> SearcherConfig:
+        points = len(self.warm_start) * self.warm_start_best
+        if points > self.num_samples:
+            raise ValueError(
+                f"warm_start: {len(self.warm_start)} studies x warm_start_best {self.warm_start_best} = {points} "
+                f"configurations, more than num_samples ({self.num_samples}) trials can run"
+            )
+        return self
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"must be a database URL ({', '.join(s + '://...' for s in STORAGE_SCHEMES)}), "
+                f"e.g. sqlite:///optuna.db; got {url!r}"
+            )
+        return url
 
 
 class SchedulerConfig(Strict):
@@ -272,6 +307,9 @@ class ReportOptions(Strict):
     """
 
     onnx: bool = True
+    # A table study (``data.partitions``): set the paper's figures for the same methods, backbones
+    # and partitions beside its cells (Table 1: voc; Table 2: voc_pseudoseg; Table 3: cityscapes).
+    paper: Literal["voc", "voc_pseudoseg", "cityscapes"] | None = None
 
 
 class MlflowConfig(Strict):
@@ -333,6 +371,12 @@ class StudyConfig(Strict):
                 errors.append(f"baselines.{i}.teacher: {b.method} needs a teacher (one of {', '.join(self.teachers)})")
             if b.teacher is not None and b.teacher not in names:
                 errors.append(f"baselines.{i}.teacher: {b.teacher!r} is not defined under teachers")
+        if self.report.paper and not self.data.partitions:
+            errors.append("report.paper: sets the paper's figures beside a table study's cells; add data.partitions")
+        if self.searcher.warm_start and not self.search.searched():
+            errors.append(
+                "searcher.warm_start: the study searches nothing (search is empty), so there is nothing to seed"
+            )
         if self.ray_train.in_trial and self.resources.workers != 1:
             errors.append(
                 f"ray_train.in_trial: runs a job in the trial's own process, which needs resources.workers: 1 "

@@ -45,6 +45,14 @@ class Plan:
     teacher_cache: Path | None = None  # set by stage_cache when the study caches teacher signals
     teacher_examples: Path | None = None  # the teachers' example predictions (``write_teacher_examples``)
     pretrained: dict[str, Path] = field(default_factory=dict)  # pretrain key → backbone.pt (``stage_pretrain``)
+    warm_start: list[dict[str, Any]] = field(default_factory=list)  # points the search runs first
+    warm_start_runs: dict[str, str] = field(default_factory=dict)  # searcher.warm_start entry → its parent run id
+
+    @property
+    def optuna_study(self) -> str:
+        """The search's Optuna study in ``searcher.storage``: one per study instance (MLflow parent
+        run), so a rerun of the study file starts another beside it and ``--resume`` continues it."""
+        return f"{self.study.name}-{self.root.name}"
 
     def weights(self, model: ModelConfig) -> ModelConfig:
         """``model`` as a job builds it: ``pretrained: builtin`` becomes the file its pretraining wrote."""

@@ -59,6 +59,7 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     lines += _student_section(plan, state, results, student_params, student_gflops)
     lines += _comparison_section(results, teachers)
     lines += _trials_section(results)
+    lines += _warm_start_section(plan, results)
     out_dir = plan.root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     student_cost = (student_gflops, latency_ms(study.student, data.num_classes, size))
@@ -72,6 +73,12 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     tracking.log_files(client, plan.parent_run_id, [report, *pictures], "report")
+    # Read back by mgd-ray compare and a study's table (``records``): the student's cost, the teachers'.
+    figures = {"student/params_m": student_params, "student/gflops": student_gflops}
+    for name, point in zip(study.teachers, teachers, strict=True):
+        figures[f"teacher/{name}/gflops"] = point["gflops"]
+        figures |= {f"teacher/{name}/{split}_mIoU": point[key] for split, key in (("val", "miou"), ("test", "test"))}
+    tracking.log_metrics(client, plan.parent_run_id, {k: v for k, v in figures.items() if v is not None}, step=0)
     if results.best is not None:
         tracking.log_metrics(client, plan.parent_run_id, {"best/val_mIoU": results.best["miou"]}, step=0)
     print("\n".join(lines))
@@ -249,6 +256,19 @@ def _trials_section(results: StudyResults) -> list[str]:
             "",
         ]
     return lines
+
+
+def _warm_start_section(plan: Plan, results: StudyResults) -> list[str]:
+    """Which trials ran the earlier studies' configurations (``searcher.warm_start``)."""
+    if not plan.warm_start:
+        return []
+    seeded = [r["name"] for r in results.trials if r["params"] in plan.warm_start]
+    sources = ", ".join(f"`{ref}` (run `{run_id}`)" for ref, run_id in plan.warm_start_runs.items())
+    return [
+        f"Warm start: {len(plan.warm_start)} configuration(s), the best finished trials of {sources}, ran first: "
+        f"{', '.join(seeded) or 'no trial of this table'}.",
+        "",
+    ]
 
 
 def _best_student_section(

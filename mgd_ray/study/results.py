@@ -20,11 +20,15 @@ from mgd_ray.study.plan import Plan
 from mgd_ray.study.search import METRIC
 
 
-def _child_runs(plan: Plan) -> list[Any]:
-    client = tracking.client_for(plan.tracking_uri)
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """The runs of one study instance (its parent run's children), as MLflow returns them."""
     return client.search_runs(
-        [plan.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=5000
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
     )
+
+
+def _child_runs(plan: Plan) -> list[Any]:
+    return child_runs(tracking.client_for(plan.tracking_uri), plan.experiment_id, plan.parent_run_id)
 
 
 def finalize_stopped(plan: Plan) -> None:
@@ -98,7 +102,11 @@ class StudyResults:
 
 
 def study_results(plan: Plan) -> StudyResults:
-    rows = collect(plan)
+    return results_from_rows(collect(plan))
+
+
+def results_from_rows(rows: list[dict[str, Any]]) -> StudyResults:
+    """The report's figures from a study's child runs (``run_row`` each)."""
     trials = sorted((r for r in rows if r["kind"] == "trial"), key=lambda r: -(r["miou"] or -1))
     finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
     best = finished[0] if finished else None

@@ -18,15 +18,17 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
-from mgd_ray.config import absolute_paths
+from mgd_ray.config import absolute_paths, absolute_sqlite_url
 from mgd_ray.data.check import DataReport, check_data, require_clean
 from mgd_ray.data.datasets import DatasetError
 from mgd_ray.data.stream import with_manifest
 from mgd_ray.ray_connect import connect_ray
 from mgd_ray.study.config import StudyConfig
 from mgd_ray.study.plan import Plan
+from mgd_ray.study.records import load_record
 from mgd_ray.study.report import write_report
 from mgd_ray.study.results import best_trial_params
+from mgd_ray.study.search import open_storage, shown_url, warm_start_points
 from mgd_ray.study.stages import (
     pending_baselines,
     stage_baselines,
@@ -38,6 +40,7 @@ from mgd_ray.study.stages import (
     stage_test,
     write_teacher_examples,
 )
+from mgd_ray.study.table import table_cells, write_table
 
 log = logging.getLogger("mgd_ray.study")
 STATE_FILE = "study_state.json"
@@ -77,6 +80,53 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     return report
 
 
+def run_table(study: StudyConfig, source: Path | None = None, resume: bool = False, base: Path | None = None) -> Path:
+    """A table study (``data.partitions``): each partition's study in turn, then the table of them,
+    logged to a ``table`` run of the study's experiment; returns ``table.md``.
+
+    With ``--resume`` a cell that finished is read back, not run again, and the interrupted one
+    continues; without it every cell is a new run (teachers and pretrainings are still reused).
+    """
+    base = base or Path.cwd()
+    cells = table_cells(study)
+    for cell in cells:  # every partition's data is checked before the first cell trains
+        checked_data(cell, base)
+    run_ids = {}
+    for partition, cell in zip(study.data.partitions, cells, strict=True):
+        finished = _finished_instance(cell, base) if resume else None
+        if finished is None:
+            run_study(cell, source=source, resume=resume, base=base)
+            finished = _finished_instance(cell, base)
+        else:
+            log.info("table %s: cell %s finished earlier (run %s); not run again", study.name, cell.name, finished)
+        run_ids[partition] = finished
+    uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
+    client = tracking.client_for(uri)
+    records = {p: load_record(client, uri, run_id) for p, run_id in run_ids.items()}
+    storage = Path(study.storage_path)
+    out = (storage if storage.is_absolute() else base / storage) / study.name / "table"
+    text, files = write_table(study, records, out)
+    experiment_id = tracking.ensure_experiment(client, study.experiment)
+    key = f"table/{study.name}/" + "+".join(run_ids[p] for p in study.data.partitions)
+    tags = {tracking.STUDY_TAG: study.name, tracking.KIND_TAG: "table"}
+    table_run, _ = tracking.get_or_create_run(client, experiment_id, key, f"table {study.name}", tags)
+    tracking.set_tags(client, table_run, {"mgd_ray.cells": json.dumps(run_ids)})
+    tracking.log_files(client, table_run, [*files, *([source] if source else [])], "table")
+    client.set_terminated(table_run, "FINISHED")
+    print(text)
+    return files[0]
+
+
+def _finished_instance(study: StudyConfig, base: Path) -> str | None:
+    """The parent run id of the study's last run if it finished (its ``study_state.json`` says done)."""
+    storage = Path(study.storage_path)
+    path = (storage if storage.is_absolute() else base / storage).resolve() / study.name / STATE_FILE
+    if not path.is_file():
+        return None
+    values = json.loads(path.read_text())
+    return values["parent_run_id"] if values.get("done") else None
+
+
 def pretrain_study(study: StudyConfig, source: Path | None = None, base: Path | None = None) -> dict[str, Any]:
     """``mgd-ray pretrain``: only the study's pretrain stage (its ``pretrained: builtin`` backbones),
     found in MLflow or trained; a later ``mgd-ray run`` of the study finds them there."""
@@ -106,18 +156,16 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
     a new one), once every file of the data has passed ``check_data``."""
     uri = tracking.resolve_tracking_uri(study.mlflow.tracking_uri, base)
     tracking.require_reachable(uri)  # before the data check and Ray: a wrong URI costs seconds, not minutes
+    if study.searcher.storage:  # likewise the Optuna storage, made absolute like the tracking URI
+        searcher = study.searcher.model_copy(update={"storage": absolute_sqlite_url(study.searcher.storage, base)})
+        open_storage(searcher.storage)
+        study = study.model_copy(update={"searcher": searcher})
     storage = Path(study.storage_path)
     storage = storage if storage.is_absolute() else (base / storage).resolve()
-    study = with_manifest(study.model_copy(update={"data": absolute_paths(study.data, base)}))
-    data_report = require_clean(check_data(study.data))
+    study, data_report = checked_data(study, base)
     print(data_report.text(), flush=True)
-    if not data_report.images["unlabeled"]:
-        raise DatasetError(
-            f"{data_report.manifest}: every training image keeps its label, and the teachers (CPS) and MGD learn from "
-            "unlabeled images; choose a partition (data.partition: 1/8, data.labeled: N) or add unlabeled images "
-            "(images without masks, data.unlabeled)"
-        )
     client = tracking.client_for(uri)
+    warm_start, warm_start_runs = resolve_warm_start(study, client, uri)  # an unknown or unfit study: before Ray
     experiment_id = tracking.ensure_experiment(client, study.experiment)
     state = StudyState(storage / study.name / STATE_FILE, {})
     if resume and state.path.is_file():
@@ -137,20 +185,59 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
     plan = Plan(
         study, storage / study.name / state.values["instance"], uri, experiment_id, state.values["parent_run_id"]
     )
+    plan.warm_start, plan.warm_start_runs = warm_start, warm_start_runs
     plan.root.mkdir(parents=True, exist_ok=True)
     state.save()
     return plan, state, data_report
+
+
+def checked_data(study: StudyConfig, base: Path) -> tuple[StudyConfig, DataReport]:
+    """The study with absolute data paths and its manifest, once every file has passed ``check_data``
+    and some training images are unlabeled (the teachers' CPS and MGD learn from them)."""
+    study = with_manifest(study.model_copy(update={"data": absolute_paths(study.data, base)}))
+    data_report = require_clean(check_data(study.data))
+    if not data_report.images["unlabeled"]:
+        raise DatasetError(
+            f"{data_report.manifest}: every training image keeps its label, and the teachers (CPS) and MGD learn from "
+            "unlabeled images; choose a partition (data.partition: 1/8, data.labeled: N) or add unlabeled images "
+            "(images without masks, data.unlabeled)"
+        )
+    return study, data_report
+
+
+def resolve_warm_start(
+    study: StudyConfig, client: MlflowClient, uri: str
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """``searcher.warm_start``: the earlier studies' best finished trials as points of this search."""
+    earlier, runs = [], {}
+    for ref in study.searcher.warm_start:
+        record = load_record(client, uri, ref)
+        best = [r["params"] for r in record.results.trials if r["state"] == "finished" and r["miou"] is not None]
+        earlier.append((record.study, best))
+        runs[ref] = record.run_id
+    return (warm_start_points(study, earlier) if earlier else []), runs
 
 
 def _log_study(plan: Plan, client: MlflowClient, source: Path | None, data_report: DataReport) -> None:
     """The parent run: running, the study's params, the study file, the resolved study and the data check."""
     study = plan.study
     tracking.set_tags(client, plan.parent_run_id, {tracking.STATE_TAG: "running"})
-    tracking.log_params(client, plan.parent_run_id, tracking.flatten("", study.model_dump(mode="json")))
+    if study.searcher.storage:
+        storage_tags = {
+            "mgd_ray.optuna_storage": shown_url(study.searcher.storage),
+            "mgd_ray.optuna_study": plan.optuna_study,
+        }
+        tracking.set_tags(client, plan.parent_run_id, storage_tags)
+    dumped = study.model_dump(mode="json")
+    if study.searcher.storage:  # a database password stays out of MLflow
+        dumped["searcher"]["storage"] = shown_url(study.searcher.storage)
+    if plan.warm_start:
+        tracking.set_tags(client, plan.parent_run_id, {"mgd_ray.warm_start": json.dumps(plan.warm_start_runs)})
+    tracking.log_params(client, plan.parent_run_id, tracking.flatten("", dumped))
     if source is not None:
         tracking.log_files(client, plan.parent_run_id, [source], "study")
     resolved = plan.root / "resolved_study.json"
-    resolved.write_text(study.model_dump_json(indent=2))
+    resolved.write_text(json.dumps(dumped, indent=2))
     tracking.log_files(client, plan.parent_run_id, [resolved], "study")
     checked = plan.root / "data_check.txt"
     checked.write_text(data_report.text() + "\n")

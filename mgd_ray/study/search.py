@@ -1,7 +1,9 @@
-"""The search of a study: the study file's space as Optuna distributions, the Optuna sampler, ASHA."""
+"""The search of a study: the study file's space as Optuna distributions, the Optuna sampler, ASHA,
+and the optional Optuna storage (``searcher.storage``) that keeps the search for optuna-dashboard."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import optuna
@@ -37,11 +39,154 @@ def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup)
 
 
-def make_searcher(study: StudyConfig) -> OptunaSearch | None:
+def make_searcher(
+    study: StudyConfig,
+    storage: optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    points: list[dict[str, Any]] | None = None,
+) -> OptunaSearch | None:
+    """Tune's Optuna searcher; with ``storage``, its Optuna study is ``study_name`` there. ``points``
+    (``warm_start_points``) are enqueued, so the first trials run them before the sampler proposes."""
     space = optuna_distributions(study.search)
     if not space:
         return None  # nothing to search: num_samples repeats of the default configuration
-    return OptunaSearch(space=space, metric=METRIC, mode="max", sampler=make_sampler(study))
+    return OptunaSearch(
+        space=space,
+        metric=METRIC,
+        mode="max",
+        sampler=make_sampler(study),
+        storage=storage,
+        study_name=study_name,
+        points_to_evaluate=points or None,
+    )
+
+
+def unsearched_values(study: StudyConfig) -> dict[str, Any]:
+    """What each searchable name is in a study that does not search it: its ``distill``/``optim``/
+    ``schedule`` value. An earlier study's trial is then complete in every name a later space has."""
+    losses = study.distill.losses
+    return {
+        "lambda_1": losses.lambda_1,
+        "lambda_2": losses.lambda_2,
+        "pool_size": losses.pool_size,
+        "lr": study.optim.lr,
+        "iterations": study.schedule.iterations,
+        "teachers": study.default_combo,
+        "pixel_labeled": losses.pixel_labeled,
+        "pixel_unlabeled": losses.pixel_unlabeled,
+        "image_level": bool(losses.image_teachers),
+        "region_level": bool(losses.region_teachers),
+    }
+
+
+class WarmStartError(ValueError):
+    """An earlier study's configuration does not fit this study's search space (``searcher.warm_start``)."""
+
+
+def warm_start_points(
+    study: StudyConfig, earlier: list[tuple[StudyConfig, list[dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    """The configurations to run first: for each earlier study (its study and its best trials' params,
+    best first), ``searcher.warm_start_best`` of them, as points of this study's space.
+
+    A value the earlier study did not search is its fixed value (``unsearched_values``). A point
+    outside this space (a range it leaves, a teacher pairing it lacks) is an error naming both,
+    raised before any training: Optuna would otherwise warn and run a configuration the space excludes.
+    """
+    dists = optuna_distributions(study.search)
+    points: list[dict[str, Any]] = []
+    for other, best in earlier:
+        if not best:
+            raise WarmStartError(
+                f"searcher.warm_start: study {other.name!r} has no finished search trial to start from"
+            )
+        for params in best[: study.searcher.warm_start_best]:
+            full = unsearched_values(other) | params
+            point = {name: full[name] for name in dists}
+            for name, dist in dists.items():
+                value = point[name]
+                if not _inside(dist, value):
+                    raise WarmStartError(
+                        f"searcher.warm_start: study {other.name!r}'s configuration {json.dumps(params, sort_keys=True)} "
+                        f"has {name}={value!r}, outside search.{name} of study {study.name!r} ({_shown(dist)}); "
+                        f"widen search.{name} or leave {other.name!r} out of warm_start"
+                    )
+            if point not in points:
+                points.append(point)
+    return points
+
+
+def _inside(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return value in dist.choices
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _shown(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(dist.choices)}"
+    step = f", step {dist.step}" if getattr(dist, "step", None) else ""
+    return f"[{dist.low}, {dist.high}]{step}"
+
+
+class SearchStorageError(RuntimeError):
+    """``searcher.storage`` cannot be opened; raised before any Ray or training work starts."""
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password masked, fit for logs, tags and reports."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as the user wrote it, minus nothing secret
+        return url.split("@", 1)[-1] if "@" in url else url
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage at ``url``, its tables created on first use; one line naming the field when it fails."""
+    kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy and its drivers raise many kinds; each ends here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SearchStorageError(
+            f"searcher.storage {shown_url(url)}: cannot open it as an Optuna storage ({reason}). "
+            "Check the URL, that its folder exists (sqlite) or its server answers, and that its driver "
+            "is installed (psycopg2 for postgresql, pymysql for mysql); or remove searcher.storage"
+        ) from err
+
+
+def fresh_optuna_study(storage: optuna.storages.BaseStorage, name: str, attrs: dict[str, str]) -> optuna.Study:
+    """The Optuna study ``name``, emptied: a search that starts again (not restored from Tune's
+    snapshot) must not add its trials to those of an interrupted attempt. ``attrs`` link it to MLflow."""
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass  # none yet
+    ostudy = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    for key, value in attrs.items():
+        ostudy.set_user_attr(key, value)
+    return ostudy
+
+
+def fail_orphan_trials(storage: optuna.storages.BaseStorage, name: str) -> list[int]:
+    """Mark FAIL the trials still RUNNING once the search has ended, and return their numbers.
+
+    Tune tells Optuna how every trial it knows ended, so a RUNNING one was asked for just before a
+    driver died and Tune's snapshot never recorded it: its MLflow run was deleted on resume
+    (``drop_orphan_trial_runs``), and it would otherwise show as running for ever.
+    """
+    study_id = storage.get_study_id_from_name(name)
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_system_attr(trial_id, "mgd_ray.orphan", "asked just before the driver died; never ran")
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    return [t.number for t in running]
 
 
 def make_scheduler(study: StudyConfig) -> TrialScheduler:

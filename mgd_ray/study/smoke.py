@@ -17,10 +17,13 @@ def smoke(study: StudyConfig) -> StudyConfig:
     Used by ``mgd-ray run --smoke`` and the tests that dry-run every study file in the repository.
     """
     tiny_schedule = ScheduleConfig(iterations=4, eval_every=2, batch_labeled=2, batch_unlabeled=2, eval_batch=4)
+    partition = study.data.partition if study.data.partition != "all" else "1/4"  # keep unlabeled images
+    # A table study keeps two of its partitions: a table of two columns, each a tiny study.
+    labels = {"partitions": study.data.partitions[:2]} if study.data.partitions else {"partition": partition}
     data = DataConfig(
         dataset="builtin",
         root=Path(study.storage_path) / "smoke_data",
-        partition=study.data.partition if study.data.partition != "all" else "1/4",  # keep unlabeled images
+        **labels,
         builtin={"num_train": 16, "num_val": 4, "size": 32, "num_classes": 4},
         crop_size=32,
         scales=(1.0,),
@@ -42,7 +45,8 @@ def smoke(study: StudyConfig) -> StudyConfig:
             "student": shrink(study.student),
             "schedule": tiny_schedule,
             "search": study.search.model_copy(update={"iterations": None}),
-            "searcher": study.searcher.model_copy(update={"num_samples": 2, "max_concurrent": 2}),
+            # No warm start: the earlier studies it names are full-size ones, not smoke runs.
+            "searcher": study.searcher.model_copy(update={"num_samples": 2, "max_concurrent": 2, "warm_start": ()}),
             "seeds": study.seeds[:1],
             "resources": Resources(),
             "teacher_resources": None,

@@ -34,7 +34,14 @@ from mgd_ray.study.plan import (
     teacher_ref,
 )
 from mgd_ray.study.results import study_results
-from mgd_ray.study.search import make_scheduler, make_searcher
+from mgd_ray.study.search import (
+    fail_orphan_trials,
+    fresh_optuna_study,
+    make_scheduler,
+    make_searcher,
+    open_storage,
+    shown_url,
+)
 from mgd_ray.study.trial import run_trial
 from mgd_ray.teacher_cache.build import build_cache
 from mgd_ray.teacher_cache.read import check_cache
@@ -413,10 +420,16 @@ def stage_search(plan: Plan, resume: bool) -> Any:
     """The Optuna search (with ASHA) over the study's search space, ``searcher.num_samples`` trials."""
     study = plan.study
     path = plan.root / "tune" / "search"
-    if resume and ray.tune.Tuner.can_restore(str(path)):
+    restoring = resume and ray.tune.Tuner.can_restore(str(path))
+    if restoring:
         drop_orphan_trial_runs(plan, {t.trial_id for t in ray.tune.ExperimentAnalysis(str(path)).trials})
     elif resume:
         drop_orphan_trial_runs(plan, set())  # the search had not snapshotted yet: it starts afresh
+    storage = open_storage(study.searcher.storage) if study.searcher.storage else None
+    searcher = make_searcher(study, storage, plan.optuna_study if storage else None, plan.warm_start)
+    if storage is not None and searcher is not None and not restoring:
+        attrs = {"mgd_ray.study": study.name, "mlflow.parent_run_id": plan.parent_run_id}
+        fresh_optuna_study(storage, plan.optuna_study, attrs | {"mlflow.tracking_uri": shown_url(plan.tracking_uri)})
     tuner = _tuner(
         plan,
         "search",
@@ -431,13 +444,17 @@ def stage_search(plan: Plan, resume: bool) -> Any:
             reuse_actors=plan.in_trial(),
             metric="val/mIoU",
             mode="max",
-            search_alg=make_searcher(study),
+            search_alg=searcher,
             scheduler=make_scheduler(study),
             num_samples=study.searcher.num_samples,
             max_concurrent_trials=study.searcher.max_concurrent,
         ),
     )
     results = tuner.fit()
+    if storage is not None and searcher is not None:
+        orphans = fail_orphan_trials(storage, plan.optuna_study)
+        if orphans:
+            log.info("search: Optuna trial(s) %s were asked for just before the driver died; marked FAIL", orphans)
     check_stage(results, "search")
     return results
 
@@ -463,7 +480,9 @@ def stage_test(
     """The final evaluation on the test split, the only time a study reads it: the teachers, every
     baseline run and the best configuration's runs (its trial and repeats); nothing else ever sees it.
 
-    Each model's ``test/mIoU`` and per-class IoU are logged to its run; returns them by run id.
+    Each model's ``test/mIoU`` and per-class IoU are logged to its run; returns them by run id. A run
+    that has them already is not evaluated again: a teacher reused from an earlier study (its key
+    holds the test split, so the figures are the same), or a run tested before the driver died.
     """
     client = tracking.client_for(plan.tracking_uri)
     runs = [info["run_id"] for info in teachers.values() if "run_id" in info]
@@ -471,6 +490,9 @@ def stage_test(
         chosen = row["kind"] == "baseline" or (row["kind"] in ("trial", "repeat") and row["params"] == best_params)
         if chosen and row["state"] == "finished":
             runs.append(row["run_id"])
+    runs = [run_id for run_id in dict.fromkeys(runs) if not tracking.metric_history(client, run_id, "test/mIoU")]
+    if not runs:
+        return {}
     folder = plan.root / "test_models"
     models = {run_id: tracking.download_checkpoint(plan.tracking_uri, run_id, folder / run_id) for run_id in runs}
     resources = plan.study.resources

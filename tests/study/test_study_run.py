@@ -23,6 +23,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import optuna
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -386,7 +387,12 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
         "study-b",
         env["uri"],
         folder="job",
-        searcher={"num_samples": 3, "max_concurrent": 2, "seed": 1},
+        searcher={
+            "num_samples": 3,
+            "max_concurrent": 2,
+            "seed": 1,
+            "storage": f"sqlite:///{env['root'] / 'optuna.db'}",
+        },
         # Jobs in their trial's process (Ray Train's local mode): resumed from Tune's checkpoints.
         ray_train={"in_trial": True},
         report={"onnx": False},
@@ -441,6 +447,8 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     state = json.loads((env["root"] / "runs" / "study-b" / "study_state.json").read_text())
     teacher_a = next(r for r in child_runs(client, "study-a") if r.data.tags.get(tracking.KIND_TAG) == "teacher")
     assert state["teachers"]["T_D"]["run_id"] == teacher_a.info.run_id
+    # ... and study B's final evaluation did not test it again: study A had (one test/mIoU entry).
+    assert len(tracking.metric_history(client, teacher_a.info.run_id, "test/mIoU")) == 1
     # No duplicate runs, every search trial finished, and nothing finished before the kill ran again.
     keys = Counter(r.data.tags[tracking.KEY_TAG] for r in runs)
     assert max(keys.values()) == 1, keys
@@ -464,6 +472,17 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
         if r.data.tags.get(tracking.KIND_TAG) == "study" and "mgd_ray.only" not in r.data.tags
     ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # The Optuna study in searcher.storage rode through the kill too: one COMPLETE Optuna trial per
+    # finished trial run, with its parameters; none left RUNNING; a FAIL only for one asked for just
+    # before the kill, which never ran.
+    ostudy = optuna.load_study(
+        study_name=parents[0].data.tags["mgd_ray.optuna_study"], storage=f"sqlite:///{env['root'] / 'optuna.db'}"
+    )
+    complete = sorted((t.params["lambda_1"], t.params["lambda_2"]) for t in ostudy.trials if t.state.name == "COMPLETE")
+    ran = sorted((float(r.data.params["losses.lambda_1"]), float(r.data.params["losses.lambda_2"])) for r in trials)
+    assert complete == ran
+    others = [t for t in ostudy.trials if t.state.name != "COMPLETE"]
+    assert all(t.state.name == "FAIL" and t.system_attrs["mgd_ray.orphan"] for t in others), others
     # report.onnx off: no export logged, and the report says how to make one from the registered model.
     assert not client.list_artifacts(parents[0].info.run_id, "best_student_onnx")
     (env["root"] / "report-b").mkdir()
