@@ -15,7 +15,7 @@ from pathlib import Path
 from mgd_ray import tracking
 from mgd_ray.plots import plot_miou_vs_cost
 from mgd_ray.study.records import StudyRecord, find_study_run, load_record
-from mgd_ray.study.report import mean_std
+from mgd_ray.study.report import fmt_ms, mean_std
 
 GFLOPS_METRIC = "student/gflops"
 PARAMS_METRIC = "student/params_m"
@@ -63,13 +63,6 @@ def compared(record: StudyRecord) -> Compared:
     )
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    m, s = mean_std(values)
-    return f"{100 * m:.2f} ± {100 * s:.2f} (n={len(values)})"
-
-
 def _cost(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -87,8 +80,8 @@ def compare_markdown(rows: list[Compared], uri: str) -> str:
         entries = [("MGD (best configuration)", r.mgd, r.mgd_test)]
         entries += [(name, vals, r.baselines_test.get(name, [])) for name, vals in r.baselines.items()]
         for method, val, test in entries:
-            line = f"| {r.study} | {r.data} | {r.student} | {_cost(r.params_m)} | {cost} | {method} | {_cell(val)} |"
-            lines.append(line + (f" {_cell(test)} |" if tested else ""))
+            line = f"| {r.study} | {r.data} | {r.student} | {_cost(r.params_m)} | {cost} | {method} | {fmt_ms(val)} |"
+            lines.append(line + (f" {fmt_ms(test)} |" if tested else ""))
     lines += ["", "Best configurations:", ""]
     for r in rows:
         config = json.dumps(r.config, sort_keys=True) if r.config else "no finished trial"
