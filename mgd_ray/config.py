@@ -308,6 +308,9 @@ class DistillJobConfig(Strict):
         return self
 
 
+DistillOn = Literal["labeled", "labeled+unlabeled"]
+
+
 class BaselineJobConfig(Strict):
     """Baselines of the paper's Table 1 on the same runner as MGD."""
 
@@ -319,14 +322,26 @@ class BaselineJobConfig(Strict):
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.99
     consistency_weight: NonNegFloat = 1.0  # MT consistency, CPS weight, KD/CWD weight
     temperature: PositiveFloat = 1.0  # KD temperature; CWD's tau (the CWD paper uses 4)
+    # Which images KD and CWD distil on. The paper's baselines take the labeled ones only ("designed
+    # for labeled data", Sec. 1, 3.3); "labeled+unlabeled" adds MGD's CutMix-ed unlabeled images.
+    distill_on: DistillOn = "labeled"
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     output: Path = Path("mgd_ray_runs/baseline")
+
+    @property
+    def draws_unlabeled(self) -> bool:
+        """Whether the job's loop draws unlabeled batches (u0, u1 and a CutMix mask) at all."""
+        if self.method in ("kd", "cwd"):
+            return self.distill_on == "labeled+unlabeled"
+        return self.method != "supervised"
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> BaselineJobConfig:
         if self.method in ("kd", "cwd") and self.teacher is None:
             raise ValueError(f"teacher: method {self.method!r} distills from a teacher; give teacher.checkpoint")
+        if self.method not in ("kd", "cwd") and self.distill_on != "labeled":
+            raise ValueError(f"distill_on: only kd and cwd distil from a teacher, so remove it from {self.method!r}")
         return self
 
 

@@ -26,6 +26,7 @@ from mgd_ray.config import (
     CorpusConfig,
     DataConfig,
     DistillLosses,
+    DistillOn,
     ModelConfig,
     NonNegFloat,
     OptimConfig,
@@ -188,10 +189,12 @@ class BaselineSpec(Strict):
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.99
     consistency_weight: NonNegFloat = 1.0
     temperature: Annotated[float, Field(gt=0)] = 1.0
+    distill_on: DistillOn = "labeled"  # KD/CWD: the paper's labeled images, or MGD's unlabeled ones too
 
     @property
     def name(self) -> str:
-        return self.method if self.teacher is None else f"{self.method}[{self.teacher}]"
+        name = self.method if self.teacher is None else f"{self.method}[{self.teacher}]"
+        return name + ("+unlabeled" if self.distill_on == "labeled+unlabeled" else "")
 
 
 class DistillDefaults(Strict):
@@ -371,6 +374,11 @@ class StudyConfig(Strict):
                 errors.append(f"baselines.{i}.teacher: {b.method} needs a teacher (one of {', '.join(self.teachers)})")
             if b.teacher is not None and b.teacher not in names:
                 errors.append(f"baselines.{i}.teacher: {b.teacher!r} is not defined under teachers")
+            if b.distill_on != "labeled" and b.method not in ("kd", "cwd"):
+                errors.append(f"baselines.{i}.distill_on: only kd and cwd distil from a teacher, so remove it")
+        names_seen = [b.name for b in self.baselines]
+        for name in sorted({n for n in names_seen if names_seen.count(n) > 1}):
+            errors.append(f"baselines: {name} is listed twice (give each baseline once)")
         if self.report.paper and not self.data.partitions:
             errors.append("report.paper: sets the paper's figures beside a table study's cells; add data.partitions")
         if self.searcher.warm_start and not self.search.searched():

@@ -225,6 +225,7 @@ def baseline_job(plan: Plan, index: int, seed: int, output: Path) -> BaselineJob
         ema_decay=spec.ema_decay,
         consistency_weight=spec.consistency_weight,
         temperature=spec.temperature,
+        distill_on=spec.distill_on,
         optim=study.optim,
         schedule=study.schedule.model_copy(update={"seed": seed}),
         output=output,

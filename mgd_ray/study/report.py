@@ -224,7 +224,11 @@ def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -
         lines += [f"| {name} | {fmt_ms(values)} |" for name, values in results.baselines.items()]
         lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} |")
         searched = sum(r["miou"] is not None for r in results.trials)
-        return lines + ["", _verdict(results.mgd, results.baselines, teachers, searched), ""]
+        return (
+            lines
+            + _baseline_legend(results.baselines)
+            + ["", _verdict(results.mgd, results.baselines, teachers, searched), ""]
+        )
     lines = [
         "## MGD against the baselines (mIoU at the last evaluation, mean ± std over seeds)",
         "",
@@ -237,7 +241,22 @@ def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -
         lines.append(f"| {name} | {fmt_ms(values)} | {fmt_ms(results.baselines_test.get(name, []))} |")
     lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} | {fmt_ms(results.mgd_test)} |")
     on_test = [t | {"miou": t["test"]} for t in teachers]
-    return lines + ["", _verdict(results.mgd_test, results.baselines_test, on_test, split="test"), ""]
+    return (
+        lines
+        + _baseline_legend(results.baselines)
+        + ["", _verdict(results.mgd_test, results.baselines_test, on_test, split="test"), ""]
+    )
+
+
+def _baseline_legend(baselines: dict[str, list[float]]) -> list[str]:
+    """What a KD/CWD row distilled on: the paper's baselines take the labeled images only (Sec. 1, 3.3)."""
+    if not any(name.startswith(("kd[", "cwd[")) for name in baselines):
+        return []
+    return [
+        "",
+        "kd[T] and cwd[T] distil teacher T on the labeled images only, as the paper's baselines do; "
+        "`+unlabeled` rows also distil on MGD's CutMix-ed unlabeled images (a stronger baseline than the paper's).",
+    ]
 
 
 def _trials_section(results: StudyResults) -> list[str]:

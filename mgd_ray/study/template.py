@@ -107,9 +107,12 @@ search:
   lambda_2: {{low: 20, high: 500, log: true}}
 searcher: {{sampler: tpe, seed: 0, num_samples: 8, max_concurrent: 2}}
 scheduler: {{type: asha, grace_period: 2, reduction_factor: 2}}
+# kd: the paper's KD, on the labeled images only; the second kd also distils on the unlabeled images
+# as MGD does: the strongest plain distillation to beat with your data.
 baselines:
   - {{method: supervised}}
   - {{method: kd, teacher: T_D}}
+  - {{method: kd, teacher: T_D, distill_on: labeled+unlabeled}}
 seeds: [0]  # [0, 1, 2]: every baseline and the best configuration on each, mean and spread in the report
 resources: {resources}
 mlflow: {{tracking_uri: "sqlite:///mlflow.db"}}

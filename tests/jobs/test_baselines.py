@@ -96,3 +96,46 @@ def test_logit_distillation_from_a_copy_of_the_student_is_zero(make_batch, eval_
     assert list(terms) == ["sup", name]
     assert terms["sup"].item() == pytest.approx(sup.item(), rel=1e-6)
     assert terms[name].item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("on_unlabeled", [False, True])
+def test_kd_distils_the_labeled_images_and_the_unlabeled_ones_only_when_asked(make_batch, eval_student, on_unlabeled):
+    """Hinton's KL written out in numpy-free torch, on x_l alone (the paper's KD) or on x_l and x_mix."""
+    b = make_batch(11)
+    torch.manual_seed(3)
+    teacher = build_segmenter("mobilenet_v2", 6).eval()
+
+    def kl(s_logits, t_logits, t):  # T^2 · Σ_c p_T (log p_T − log p_S), mean over pixels
+        p_t = (t_logits / t).softmax(1)
+        return (t * t * (p_t * ((t_logits / t).log_softmax(1) - (s_logits / t).log_softmax(1))).sum(1)).mean()
+
+    with torch.no_grad():
+        terms = kd_terms(eval_student, teacher, b, 2.0, 3.0, None, on_unlabeled)
+        on_l = kl(eval_student(b.x_l).logits, teacher(b.x_l).logits, 3.0)
+        on_mix = kl(eval_student(b.x_mix).logits, teacher(b.x_mix).logits, 3.0)
+    expected = 2.0 * (on_l + on_mix) if on_unlabeled else 2.0 * on_l
+    assert on_mix.item() > 1e-4  # the two settings differ by a term that is not zero
+    assert terms["kd"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_labeled_only_distillation_draws_no_unlabeled_images(tiny_data_cfg, tiny_schedule, teacher_ckpt, tmp_path):
+    """The paper's KD never reads an unlabeled image (model.pt's record of the images drawn); with
+    distill_on: labeled+unlabeled it does."""
+    teacher = {"model": {"backbone": "resnet18"}, "checkpoint": str(teacher_ckpt)}
+    drawn = {}
+    for mode in ("labeled", "labeled+unlabeled"):
+        raw = {"method": "kd", "teacher": teacher, "distill_on": mode, "data": tiny_data_cfg}
+        cfg = parse_job_config("baseline", raw | {"schedule": tiny_schedule, "output": str(tmp_path / mode)})
+        assert cfg.draws_unlabeled == (mode == "labeled+unlabeled")
+        reports: list[Path] = []
+        run_baseline(cfg, lambda _m, c, into=reports: into.append(c), tmp_path / mode)
+        drawn[mode] = torch.load(reports[-1] / MODEL_FILE, weights_only=False)["drawn"]
+    assert sum(drawn["labeled"]["labeled"].values()) == 4 * tiny_schedule["batch_labeled"]
+    assert not drawn["labeled"].get("unlabeled")
+    assert sum(drawn["labeled+unlabeled"]["unlabeled"].values()) == 4 * 2 * tiny_schedule["batch_unlabeled"]
+    assert drawn["labeled+unlabeled"]["labeled"] == drawn["labeled"]["labeled"]  # one labeled stream
+
+
+def test_distill_on_is_refused_for_a_method_without_a_teacher(tiny_data_cfg):
+    with pytest.raises(Exception, match="distill_on: only kd and cwd"):
+        parse_job_config("baseline", {"method": "supervised", "data": tiny_data_cfg, "distill_on": "labeled+unlabeled"})

@@ -67,6 +67,10 @@ def test_trial_job_names_each_stages_job_and_its_mlflow_run(tmp_path):
     assert (kd.key, kd.kind, kd.cfg.method, kd.cfg.schedule.seed) == ("parent/baseline/kd[T_D]/3", "baseline", "kd", 3)
     assert kd.cfg.teacher.checkpoint == tmp_path / "td.pt" and kd.cfg.output == tmp_path / "baselines" / "kd[T_D]-s3"
     assert kd.cfg.student.pretrained == str(tmp_path / "mobilenet_v2.pt")
+    assert kd.cfg.distill_on == "labeled" and not kd.cfg.draws_unlabeled  # the paper's KD
+    kd_u = trial_job(plan, {"stage": "baselines", "baseline": 2, "seed": 0})
+    assert (kd_u.key, kd_u.cfg.distill_on) == ("parent/baseline/kd[T_D]+unlabeled/0", "labeled+unlabeled")
+    assert kd_u.cfg.draws_unlabeled and kd_u.cfg.output == tmp_path / "baselines" / "kd[T_D]+unlabeled-s0"
     searched = {"stage": "search", "seed": 0, "lambda_1": 0.001, "lambda_2": 20.0, "pool_size": 2}
     with pytest.raises(ValueError, match="needs its Tune trial id"):
         trial_job(plan, searched)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from mlflow.entities import Metric
 
 from mgd_ray import tracking
-from mgd_ray.study.report import _verdict
+from mgd_ray.study.report import _baseline_legend, _verdict
 from mgd_ray.study.results import finalize_stopped
 
 
@@ -55,6 +55,13 @@ def test_verdict_gaps_against_the_seed_spread_and_the_search_selection():
     assert "MGD is 2.00 mIoU above supervised (within twice the seed-to-seed spread of 2.00)." in seeds
     assert "MGD is 8.00 mIoU above kd (larger than twice the seed-to-seed spread of 2.00)." in seeds
     assert "searched trials" not in seeds  # repeated over seeds: no longer a single selected maximum
+
+
+def test_the_report_says_what_a_distillation_baseline_distilled_on():
+    assert _baseline_legend({"supervised": [0.4]}) == []
+    legend = " ".join(_baseline_legend({"supervised": [0.4], "kd[T_D]": [0.4], "kd[T_D]+unlabeled": [0.45]}))
+    assert "on the labeled images only, as the paper's baselines do" in legend
+    assert "`+unlabeled` rows also distil on MGD's CutMix-ed unlabeled images" in legend
 
 
 def test_the_figure_of_a_run_is_its_last_evaluation():

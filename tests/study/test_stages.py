@@ -55,7 +55,7 @@ def test_baseline_jobs_are_those_without_a_finished_run(tmp_path):
     exp = client.create_experiment("baselines")
     parent = client.create_run(exp, tags={tracking.KIND_TAG: "study"}).info.run_id
     study = load_study(QUICKSTART)
-    study = study.model_copy(update={"seeds": (0, 1)})  # baselines: 0 supervised, 1 kd[T_D]
+    study = study.model_copy(update={"seeds": (0, 1)})  # baselines: 0 supervised, 1 kd[T_D], 2 kd[T_D]+unlabeled
     plan = Plan(study, tmp_path, uri, exp, parent)
 
     def run(key: str, status: str, state: str) -> None:
@@ -67,6 +67,8 @@ def test_baseline_jobs_are_those_without_a_finished_run(tmp_path):
     run("supervised/0", "FINISHED", "finished")  # done: not run again
     run("supervised/1", "KILLED", "interrupted")  # interrupted: runs again
     run("kd[T_D]/0", "FINISHED", "finished")
+    run("kd[T_D]+unlabeled/0", "FINISHED", "finished")
+    run("kd[T_D]+unlabeled/1", "FINISHED", "finished")
     assert pending_baselines(plan) == [(0, 1), (1, 1)]
     assert pending_baselines(plan, teacher_free=True) == [(0, 1)]  # kd needs T_D: not beside the teachers
 

@@ -55,6 +55,14 @@ def test_minimal_study_defaults():
             "search.teachers: 'T_D+T_X' names teacher 'T_X', not defined under teachers",
         ),
         ({"baselines": [{"method": "kd"}]}, "baselines.0.teacher: kd needs a teacher (one of T_D, T_W)"),
+        (
+            {"baselines": [{"method": "supervised", "distill_on": "labeled+unlabeled"}]},
+            "baselines.0.distill_on: only kd and cwd distil from a teacher, so remove it",
+        ),
+        (
+            {"baselines": [{"method": "kd", "teacher": "T_D"}, {"method": "kd", "teacher": "T_D"}]},
+            "baselines: kd[T_D] is listed twice (give each baseline once)",
+        ),
         ({"searcher": {"num_samples": 0}}, "searcher.num_samples: Input should be greater than 0"),
         ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
         ({"name": "a b"}, "name: String should match pattern"),
