@@ -44,7 +44,13 @@ def main() -> int:
         print(f"quickstart FAILED after {wall:.0f} s; log: {work / 'run.log'}")
         return 1
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
+    # This invocation's runs only: with --keep, earlier runs of the study share the store (a second run).
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], max_results=1000)
+        if r.info.start_time >= 1000 * start
+    ]
     stages: dict[str, list] = defaultdict(list)
     print(f"\n{'run':28s} {'stage':10s} {'state':14s} {'wall s':>8s} {'train s':>8s} {'data %':>7s} {'eval s':>7s}")
     for r in sorted(runs, key=lambda r: r.info.start_time):
@@ -76,7 +82,7 @@ def main() -> int:
         reach = max(reach, e)
     print(f"{'no run':10s} {wall - covered:8.1f}   (driver and Ray start-up, data check, report)")
     print(
-        f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {next(work.glob('mgd_ray_runs/*/*/report/report.md'), None)}"
+        f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {max(work.glob('mgd_ray_runs/*/*/report/report.md'), default=None)}"
     )
     print("\ndisk left in the working directory (MiB):")
     sizes = {p.name: disk_bytes(p) for p in sorted(work.iterdir())}
