@@ -78,6 +78,25 @@ def wait_started(head: subprocess.Popen, log: Path, timeout: float = 300) -> Non
         raise RuntimeError(f"ray start failed (exit {head.returncode}): {log.read_text()[-2000:]}")
 
 
+def train_worker_pids(session: int) -> list[int]:
+    """Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``) of the Ray head whose
+    ``ray start`` process leads session ``session`` (``start_ray_head`` gives the head one).
+
+    Ray puts each worker in a process group of its own, but the workers stay in the head's session.
+    Looking machine-wide found another test suite's workers, and a test that SIGKILLed one broke the
+    other suite's job (found running two suites at once).
+    """
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                if os.getsid(int(proc.name)) == session:
+                    pids.append(int(proc.name))
+        except OSError:  # it ended while we looked
+            continue
+    return sorted(pids)
+
+
 def stop_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Signal ``process``'s process group (SIGKILL, as ``ray stop --force`` would) and wait for it."""
     with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop

@@ -3,6 +3,8 @@ process group stopped whole without touching any other process."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import time
 from pathlib import Path
 
 from mgd_ray.study.config import parse_study
-from mgd_ray.testing import free_port, stop_group, tiny_builtin_study
+from mgd_ray.testing import free_port, stop_group, tiny_builtin_study, train_worker_pids
 
 SCHEDULE = {"iterations": 4, "eval_every": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_batch": 4}
 
@@ -57,3 +59,31 @@ def test_stop_group_stops_the_group_and_nothing_else(tmp_path: Path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_train_worker_pids_finds_one_heads_workers_only(tmp_path: Path):
+    """Two fake heads, each with a fake Ray Train worker that, like Ray's, leads a process group of its
+    own inside its head's session: each head's session finds its own worker, and not the other's."""
+    heads, workers = [], []
+    try:
+        for name in ("a", "b"):
+            pidfile = tmp_path / name
+            script = f"set -m; (exec -a ray::RayTrainWorker sleep 300) & echo $! > {pidfile}; wait"
+            heads.append(subprocess.Popen(["bash", "-c", script], start_new_session=True))
+            for _ in range(200):
+                if pidfile.exists() and pidfile.read_text().strip():
+                    break
+                time.sleep(0.05)
+            workers.append(int(pidfile.read_text()))
+        for head, worker in zip(heads, workers, strict=True):
+            for _ in range(200):  # until the subshell has become the titled sleep
+                if Path(f"/proc/{worker}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    break
+                time.sleep(0.05)
+            assert os.getpgid(worker) == worker != head.pid and os.getsid(worker) == head.pid
+            assert train_worker_pids(head.pid) == [worker]
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for head in heads:
+            stop_group(head)

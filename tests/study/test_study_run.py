@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
 from mgd_ray.predict import resolve_model
-from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group, wait_started
+from mgd_ray.testing import BIN, free_port, start_mlflow, start_ray_head, stop_group, train_worker_pids, wait_started
 
 pytestmark = pytest.mark.slow  # a real Ray head, an MLflow server and whole studies
 
@@ -131,6 +131,7 @@ def env(tmp_path_factory):
             "dashboard": f"http://127.0.0.1:{dash_port}",
             "agent": f"http://127.0.0.1:{agent_port}",
             "gcs": f"127.0.0.1:{gcs_port}",
+            "session": head.pid,  # the head's session: its Ray workers', and no other suite's
         }
     finally:
         stop_group(head)
@@ -492,18 +493,6 @@ def test_job_submit_reuses_teacher_and_resumes_after_the_driver_dies(env, study_
     assert "export it with `mgd-ray export models:/study-b-student/1 --format onnx" in text
 
 
-def train_worker_pids() -> list[int]:
-    """Processes of Ray Train workers on this machine (Ray titles them ``ray::RayTrainWorker...``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(proc.name))
-        except OSError:  # it ended while we looked
-            continue
-    return sorted(pids)
-
-
 def test_a_ddp_study_rides_through_a_killed_worker_an_mlflow_restart_and_a_killed_driver(env, study_a):
     client: MlflowClient = env["client"]
     schedule = TINY_SCHEDULE | {"iterations": 16}  # 8 evaluations a trial: time to strike inside one
@@ -545,7 +534,7 @@ def test_a_ddp_study_rides_through_a_killed_worker_an_mlflow_restart_and_a_kille
             0.5,
             lambda: mlflow_progress(client, "study-c"),
         )[0]
-        workers = train_worker_pids()
+        workers = train_worker_pids(env["session"])
         assert len(workers) == 2, workers  # the trial's DDP group, and nothing else trains now
         os.kill(workers[-1], signal.SIGKILL)
         killed_after = evaluated(first)
