@@ -126,8 +126,7 @@ def run_baseline(
         assert cfg.teacher is not None
         teacher = load_teacher(cfg.teacher, data.num_classes, env.device)
         terms = kd_terms if cfg.method == "kd" else cwd_terms
-        on_unlabeled = cfg.distill_on == "labeled+unlabeled"
-        step = lambda b, _: terms(student, teacher, b, weight, cfg.temperature, batch_reduction, on_unlabeled)
+        step = lambda b, _: terms(student, teacher, b, weight, cfg.temperature, batch_reduction, cfg.draws_unlabeled)
     spec = FitSpec(
         name=f"baseline/{cfg.method}",
         module=student,
