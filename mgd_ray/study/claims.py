@@ -5,12 +5,16 @@ every later study. Two studies that start together would both miss the other's r
 So a study about to train one first *claims* its key. A claim is a RUNNING run in the
 ``mgd_ray-claims`` experiment, tagged with the key and the claiming study's parent run. Its holder
 refreshes a heartbeat tag while it trains. MLflow has no compare-and-swap, so claiming is an election:
-each claimant creates its run and then reads every live claim on the key. The oldest (start time, then
-run id) holds the key, and the others wait for its result. Every reader sees the same order, so one
-study trains. (Start times are the claimants' clocks: a skew of more than the gap between two claims
-can make both train, which wastes time but corrupts nothing.) A claim whose heartbeat is older than
-``stale_s`` belongs to a study that died, and counts as gone. A study's own earlier claims (a resumed
-study) are ended at once.
+each claimant creates its run, *then* stamps it with its clock (``ORDER_TAG``), then reads every live
+claim on the key. The earliest stamp (then run id) holds the key, and the others wait for its result.
+A claim seen without its stamp yet is waited for. The stamp, not the run's start time, is what makes
+this sound: a claim that was not visible when a claimant read was created after that read, so its
+stamp is later than the reader's own. (A start time is taken before the run is written, and a slow
+write could land after another claimant had already decided, so both trained: seen in CI with four
+claimants at once.) The stamps are the claimants' clocks: a skew of more than the gap between two
+claims can make both train, which wastes time but corrupts nothing. A claim whose heartbeat is older
+than ``stale_s`` belongs to a study that died, and counts as gone. A study's own earlier claims (a
+resumed study) are ended at once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ CLAIM_TAG = "mgd_ray.claim"
 OWNER_TAG = "mgd_ray.claim_owner"  # the claiming study's parent run id
 STUDY_TAG = "mgd_ray.claim_study"  # its name, for the logs
 HEARTBEAT_TAG = "mgd_ray.claim_heartbeat"  # the holder's time.time() at its last refresh
+ORDER_TAG = "mgd_ray.claim_order"  # the claimant's time.time() once its run was written: the election's order
 OUTCOME_TAG = "mgd_ray.claim_outcome"  # held | yielded | superseded
 
 
@@ -44,6 +49,7 @@ class Timing:
     heartbeat_s: float = 15.0
     stale_s: float = 180.0  # > an MLflow outage a study rides through (60 s), with its beats lost
     poll_s: float = 10.0
+    stamp_poll_s: float = 0.1  # how often a claimant looks again while another claim has no stamp yet
 
 
 DEFAULT_TIMING = Timing()
@@ -58,6 +64,7 @@ class Claim:
     heartbeat: float
     start_time: int
     running: bool
+    order: float | None  # None between the run's creation and its stamp
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the holder's last heartbeat."""
@@ -77,11 +84,12 @@ def _claim(run: Any) -> Claim:
         heartbeat=float(tags.get(HEARTBEAT_TAG, 0.0)),
         start_time=int(run.info.start_time or 0),
         running=run.info.status == "RUNNING",
+        order=float(tags[ORDER_TAG]) if ORDER_TAG in tags else None,
     )
 
 
 def running_claims(client: MlflowClient, key: str) -> list[Claim]:
-    """Every RUNNING claim on ``key``, oldest first (the order in which they hold it)."""
+    """Every RUNNING claim on ``key``, in the order in which they hold it (unstamped ones last)."""
     exp = client.get_experiment_by_name(CLAIMS_EXPERIMENT)
     if exp is None:
         return []
@@ -90,7 +98,8 @@ def running_claims(client: MlflowClient, key: str) -> list[Claim]:
         filter_string=f"tags.`{CLAIM_TAG}` = '{key}' and attributes.status = 'RUNNING'",
         max_results=1000,
     )
-    return sorted((_claim(r) for r in runs), key=lambda c: (c.start_time, c.run_id))
+    unstamped = float("inf")
+    return sorted((_claim(r) for r in runs), key=lambda c: (unstamped if c.order is None else c.order, c.run_id))
 
 
 def get_claim(client: MlflowClient, run_id: str) -> Claim:
@@ -103,7 +112,13 @@ def _end(client: MlflowClient, claim: Claim, outcome: str, status: str) -> None:
 
 
 def acquire(
-    client: MlflowClient, key: str, owner: str, study: str, label: str, stale_s: float = DEFAULT_TIMING.stale_s
+    client: MlflowClient,
+    key: str,
+    owner: str,
+    study: str,
+    label: str,
+    stale_s: float = DEFAULT_TIMING.stale_s,
+    stamp_poll_s: float = DEFAULT_TIMING.stamp_poll_s,
 ) -> tuple[Claim | None, Claim | None]:
     """Claim ``key`` for the study whose parent run is ``owner``: (this study's claim, None) when it now
     holds the key, or (None, the other study's live claim that holds it)."""
@@ -113,8 +128,13 @@ def acquire(
     exp_id = tracking.ensure_experiment(client, CLAIMS_EXPERIMENT)
     tags = {CLAIM_TAG: key, OWNER_TAG: owner, STUDY_TAG: study, HEARTBEAT_TAG: repr(time.time()), OUTCOME_TAG: "held"}
     run = client.create_run(exp_id, tags=tags, run_name=f"{label} for study {study}")
-    mine = _claim(client.get_run(run.info.run_id))
-    live = [c for c in running_claims(client, key) if c.live(stale_s)]
+    tracking.set_tags(client, run.info.run_id, {ORDER_TAG: repr(time.time())})  # after the run is visible
+    while True:
+        live = [c for c in running_claims(client, key) if c.live(stale_s)]
+        if all(c.order is not None for c in live):  # a claim still unstamped may yet come first
+            break
+        time.sleep(stamp_poll_s)
+    mine = next((c for c in live if c.run_id == run.info.run_id), None) or get_claim(client, run.info.run_id)
     holder = live[0] if live else mine
     if holder.run_id == mine.run_id:
         return mine, None
@@ -157,7 +177,7 @@ def claimed(
     status, beat = "FAILED", None
     try:
         for name, key in keys.items():
-            held, holder = acquire(client, key, owner, study, f"{what} {name}", timing.stale_s)
+            held, holder = acquire(client, key, owner, study, f"{what} {name}", timing.stale_s, timing.stamp_poll_s)
             if held is not None:
                 mine[name] = held
             else:

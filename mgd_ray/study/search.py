@@ -4,6 +4,7 @@ and the optional Optuna storage (``searcher.storage``) that keeps the search for
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import optuna
@@ -13,6 +14,46 @@ from ray.tune.search.optuna import OptunaSearch
 from mgd_ray.study.config import FloatRange, IntRange, SearchSpace, StudyConfig
 
 METRIC = "val/mIoU"
+
+log = logging.getLogger("mgd_ray.study")
+
+
+class StoredOptunaSearch(OptunaSearch):
+    """Tune's Optuna searcher, for a search whose Optuna study outlives the driver (``searcher.storage``).
+
+    The storage is written the moment Tune tells a trial's end; Tune's snapshot of the searcher is
+    taken every few seconds. A driver killed in between resumes from a snapshot in which that trial
+    still runs: Tune restores it, the trial replays its finished MLflow run, and Optuna refuses the
+    replayed reports ("has already finished and can not be updated"), which failed the resumed study.
+    The storage already holds what the trial ended with, so such reports and the end are skipped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended_in_storage: set[str] = set()
+
+    def _stored_state(self, trial_id: str) -> optuna.trial.TrialState | None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return None
+        state = ot_trial.storage.get_trial(ot_trial._trial_id).state
+        return state if state.is_finished() else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._ended_in_storage and self._stored_state(trial_id) is not None:
+            self._ended_in_storage.add(trial_id)
+            log.info(
+                "search: Optuna already holds the end of trial %s (before the driver died); not told again", trial_id
+            )
+        if trial_id not in self._ended_in_storage:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ended_in_storage or self._stored_state(trial_id) is not None:
+            self._ended_in_storage.add(trial_id)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
 
 def optuna_distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -50,7 +91,7 @@ def make_searcher(
     space = optuna_distributions(study.search)
     if not space:
         return None  # nothing to search: num_samples repeats of the default configuration
-    return OptunaSearch(
+    return (StoredOptunaSearch if storage is not None else OptunaSearch)(
         space=space,
         metric=METRIC,
         mode="max",

@@ -63,6 +63,49 @@ def test_claimants_racing_elect_exactly_one_holder(tmp_path):
     assert [c.run_id for c in claims.running_claims(tracking.client_for(uri), "shared")] == [holder.run_id]
 
 
+def test_a_claim_whose_run_landed_late_loses_though_its_start_time_is_earlier(client):
+    # The interleaving CI hit: B took its start time first, but its run was written after A had read
+    # the claims and decided. B must then yield to A, not hold the key too.
+    mine, _ = claims.acquire(client, "k", "parent-a", "study-a", "teacher T_D")
+
+    class EarlyClock:  # B's create_run, with a start time from before A's claim
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def create_run(self, *args, **kwargs):
+            return client.create_run(*args, start_time=mine.start_time - 5000, **kwargs)
+
+    theirs, holder = claims.acquire(EarlyClock(), "k", "parent-b", "study-b", "teacher T_D")
+
+    assert theirs is None and holder is not None and holder.run_id == mine.run_id
+    assert [c.run_id for c in claims.running_claims(client, "k")] == [mine.run_id]
+
+
+def test_a_claimant_waits_for_a_claim_not_yet_stamped_and_yields_to_its_earlier_stamp(client):
+    # Another claimant has written its run but not yet its stamp: what it will stamp may come first.
+    exp_id = tracking.ensure_experiment(client, claims.CLAIMS_EXPERIMENT)
+    tags = {claims.CLAIM_TAG: "k", claims.OWNER_TAG: "parent-x", claims.STUDY_TAG: "study-x"}
+    other = client.create_run(exp_id, tags=tags | {claims.HEARTBEAT_TAG: repr(time.time())}).info.run_id
+    stamp = time.time()  # its clock, read before ours
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(r=claims.acquire(client, "k", "parent-a", "study-a", "T_D", stamp_poll_s=0.01))
+    )
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()  # waiting for the stamp
+    tracking.set_tags(client, other, {claims.ORDER_TAG: repr(stamp)})
+    thread.join(30)
+
+    mine, holder = result["r"]
+    assert mine is None and holder.run_id == other and holder.order == stamp
+    # A claim whose claimant died before stamping goes stale, and is then not waited for.
+    client.delete_tag(other, claims.ORDER_TAG)
+    tracking.set_tags(client, other, {claims.HEARTBEAT_TAG: repr(time.time() - 1000)})
+    held, holder = claims.acquire(client, "k", "parent-b", "study-b", "T_D", stale_s=60)
+    assert held is not None and holder is None
+
+
 def test_a_stale_claim_is_gone_and_a_resumed_study_supersedes_its_own(client):
     dead, _ = claims.acquire(client, "k", "parent-a", "study-a", "teacher T_D")
     tracking.set_tags(client, dead.run_id, {claims.HEARTBEAT_TAG: repr(time.time() - 1000)})  # its study died

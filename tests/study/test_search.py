@@ -101,6 +101,34 @@ def test_the_searcher_keeps_its_optuna_study_in_the_storage(tmp_path):
     assert trial.params == {"lambda_1": config["lambda_1"]} and trial.value == 0.4
 
 
+def test_a_searcher_restored_from_a_snapshot_older_than_the_storage_skips_what_optuna_already_holds(tmp_path):
+    # The driver told Optuna that trial-a ended, then died before Tune snapshotted the searcher: the
+    # resumed search's snapshot has trial-a still running, and Tune replays its reports (CI saw the
+    # resumed study fail on "Trial#2 has already finished and can not be updated").
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = _study(tmp_path, storage="sqlite:///optuna.db")
+    searcher = make_searcher(study, storage, "s-1")
+    searcher.set_search_properties("val/mIoU", "max", {})
+    searcher.suggest("trial-a")
+    searcher.suggest("trial-b")
+    searcher.on_trial_result("trial-a", {"val/mIoU": 0.3, "training_iteration": 1})
+    searcher.save(str(tmp_path / "snapshot.pkl"))
+    searcher.on_trial_result("trial-a", {"val/mIoU": 0.4, "training_iteration": 2})
+    searcher.on_trial_complete("trial-a", {"val/mIoU": 0.4})
+
+    resumed = make_searcher(study, open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), "s-1")
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    resumed.on_trial_result("trial-a", {"val/mIoU": 0.3, "training_iteration": 1})  # the replay
+    resumed.on_trial_result("trial-a", {"val/mIoU": 0.4, "training_iteration": 2})
+    resumed.on_trial_complete("trial-a", {"val/mIoU": 0.4})
+    resumed.on_trial_result("trial-b", {"val/mIoU": 0.5, "training_iteration": 1})  # still told as usual
+    resumed.on_trial_complete("trial-b", {"val/mIoU": 0.5})
+
+    a, b = optuna.load_study(study_name="s-1", storage=storage).trials
+    assert (a.state.name, a.value, a.intermediate_values) == ("COMPLETE", 0.4, {1: 0.3, 2: 0.4})
+    assert (b.state.name, b.value, b.intermediate_values) == ("COMPLETE", 0.5, {1: 0.5})
+
+
 # ---------------------------------------------------------------------------- warm start
 def _space_study(tmp_path: Path, search: dict, name: str = "now", **searcher):
     raw = tiny_builtin_study(name, tmp_path, "sqlite:///mlflow.db", SCHEDULE, trials=4)
