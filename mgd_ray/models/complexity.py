@@ -71,18 +71,21 @@ def segmenter_cost(model: ModelConfig, num_classes: int, size: int) -> tuple[flo
     return count_params(net) / 1e6, count_flops(net, (size, size)) / 1e9
 
 
-def latency_ms(model: ModelConfig, num_classes: int, size: int, reps: int = 5) -> float:
-    """Median eager-PyTorch latency (ms) of one size×size image on this process's device.
+def latency_ms(
+    model: ModelConfig, num_classes: int, size: int, reps: int = 5, device: str | None = None, threads: int = 1
+) -> float:
+    """Median eager-PyTorch latency (ms) of one size×size image on ``device`` (default: CUDA when
+    this process has it, else the CPU), with ``threads`` CPU threads.
 
     Untrained weights: latency does not depend on them. ``torch.utils.benchmark`` handles warm-up
-    and thread settings.
+    and CUDA synchronisation.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = build_segmenter(model, num_classes, pretrained=False).eval().to(device)
     x = torch.zeros(1, 3, size, size, device=device)
     with torch.inference_mode():
         net(x)  # warm-up
-        return 1000 * Timer("net(x)", globals={"net": net, "x": x}).timeit(reps).median
+        return 1000 * Timer("net(x)", globals={"net": net, "x": x}, num_threads=threads).timeit(reps).median
 
 
 @dataclass(frozen=True)

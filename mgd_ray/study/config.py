@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from mgd_ray.config import (
+    BackboneName,
     ConfigError,
     CorpusConfig,
     DataConfig,
@@ -30,6 +31,7 @@ from mgd_ray.config import (
     ModelConfig,
     NonNegFloat,
     OptimConfig,
+    PositiveFloat,
     PositiveInt,
     PretrainScheduleConfig,
     ScheduleConfig,
@@ -84,6 +86,14 @@ class StrChoices(Strict):
     choices: Annotated[list[str], Field(min_length=1)]
 
 
+class BackboneChoices(Strict):
+    choices: Annotated[list[BackboneName], Field(min_length=1)]
+
+
+class OutputStrideChoices(Strict):
+    choices: Annotated[list[Literal[8, 16, 32]], Field(min_length=1)]
+
+
 def _kind(value: Any) -> str:
     """A search parameter is a list of ``choices`` or a range (``low``/``high``): pick by its keys."""
     return "choice-list" if isinstance(value, dict) and "choices" in value else "range-spec"
@@ -102,6 +112,11 @@ class SearchSpace(Strict):
 
     ``teachers`` choices are ``"A+B"`` (A feeds the image-level term, B the region-level term, both
     the pixel-level term) or ``"A"`` (one teacher for every term); names are keys of ``teachers``.
+
+    ``student_backbone`` and ``student_output_stride`` search the student itself (the rest of it is
+    ``student``'s; a ResNet's ``stem`` does not apply to MobileNetV2, which has its own). The search
+    sees them as one choice, ``student``, among the architectures (``study.costs``) that pass the
+    searcher's cost limits, so a configuration over a limit never trains.
     """
 
     lambda_1: FloatParam | None = None
@@ -114,6 +129,8 @@ class SearchSpace(Strict):
     pixel_unlabeled: BoolChoices | None = None
     image_level: BoolChoices | None = None
     region_level: BoolChoices | None = None
+    student_backbone: BackboneChoices | None = None
+    student_output_stride: OutputStrideChoices | None = None
 
     @field_validator("lambda_1", "lambda_2", "lr")
     @classmethod
@@ -137,6 +154,10 @@ class SearchSpace(Strict):
 
     def searched(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+    @property
+    def searches_student(self) -> bool:
+        return self.student_backbone is not None or self.student_output_stride is not None
 
 
 class TeacherRecipe(Strict):
@@ -222,7 +243,7 @@ class SearcherConfig(Strict):
     the search's Optuna study is kept, trial by trial, for ``optuna-dashboard`` and for the record;
     without it the Optuna study lives only in the driver (and in Tune's snapshots, for ``--resume``)."""
 
-    sampler: Literal["tpe", "random", "cmaes"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "nsga2"] = "tpe"
     seed: int = 0
     num_samples: PositiveInt = 8
     max_concurrent: PositiveInt = 2
@@ -231,6 +252,34 @@ class SearcherConfig(Strict):
     # the search runs first: e.g. a search at 1/8 seeded by the 1/16 study's best configurations.
     warm_start: tuple[Annotated[str, Field(min_length=1)], ...] = ()
     warm_start_best: PositiveInt = 1  # how many of each earlier study's best trials
+    # A second objective beside val mIoU (max): the student's cost (min), which makes the search
+    # multi-objective (Optuna's TPE or NSGA-II through Tune's OptunaSearch) and the report a Pareto
+    # front. gflops and params are counted at data.crop_size; latency is the median eager-PyTorch
+    # time of one crop, batch 1, on latency_device (cpu: latency_threads threads), measured once
+    # per architecture and machine and cached beside the study's storage.
+    cost: Literal["none", "gflops", "params", "latency"] = "none"
+    latency_device: Literal["cpu", "cuda"] = "cpu"
+    latency_threads: PositiveInt = 1
+    # Limits on the student, applied to the architectures before the search: one over a limit never trains.
+    max_gflops: PositiveFloat | None = None
+    max_params_m: PositiveFloat | None = None
+    max_latency_ms: PositiveFloat | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.cost != "none"
+
+    @property
+    def measures_latency(self) -> bool:
+        return self.cost == "latency" or self.max_latency_ms is not None
+
+    @model_validator(mode="after")
+    def _multi_objective_sampler(self) -> SearcherConfig:
+        if self.multi_objective and self.sampler == "cmaes":
+            raise ValueError(
+                f"sampler: cmaes optimises one objective, and cost: {self.cost} makes two: use tpe or nsga2"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warm_start_fits(self) -> SearcherConfig:
@@ -381,6 +430,16 @@ class StudyConfig(Strict):
             errors.append(f"baselines: {name} is listed twice (give each baseline once)")
         if self.report.paper and not self.data.partitions:
             errors.append("report.paper: sets the paper's figures beside a table study's cells; add data.partitions")
+        if self.searcher.multi_objective and not self.search.searches_student:
+            errors.append(
+                f"searcher.cost: {self.searcher.cost} is a second objective only when the search varies the student; "
+                "add search.student_backbone or search.student_output_stride, or set cost: none"
+            )
+        if self.search.searches_student and self.student.layout == "official":
+            errors.append(
+                "search.student_backbone: the student has layout: official (one MobileNetV2 at output stride 32), "
+                "so it cannot be searched; set student.layout: default"
+            )
         if self.searcher.warm_start and not self.search.searched():
             errors.append(
                 "searcher.warm_start: the study searches nothing (search is empty), so there is nothing to seed"

@@ -24,6 +24,7 @@ from mgd_ray.config import (
     TeacherJobConfig,
 )
 from mgd_ray.study.config import Resources, StudyConfig
+from mgd_ray.study.costs import STUDENT_PARAM, Cost, architectures, student_model
 
 # A trial's own process only drives its Train job; its workers hold the CPUs/GPUs. Tune refuses an
 # empty reservation, so the driver reserves 1 MiB of memory and no CPU (concurrency: max_concurrent).
@@ -47,6 +48,9 @@ class Plan:
     pretrained: dict[str, Path] = field(default_factory=dict)  # pretrain key → backbone.pt (``stage_pretrain``)
     warm_start: list[dict[str, Any]] = field(default_factory=list)  # points the search runs first
     warm_start_runs: dict[str, str] = field(default_factory=dict)  # searcher.warm_start entry → its parent run id
+    costs: dict[str, Cost] = field(default_factory=dict)  # student architecture → its cost (``study.costs``)
+    students: list[str] = field(default_factory=list)  # the architectures within the searcher's limits
+    reference_costs: dict[str, Cost] = field(default_factory=dict)  # "student" (the baselines') and "teacher <name>"
 
     @property
     def optuna_study(self) -> str:
@@ -89,9 +93,10 @@ def pretrain_key(study: StudyConfig, model: ModelConfig) -> str:
 
 
 def pretrained_architectures(study: StudyConfig, teachers: list[str]) -> list[ModelConfig]:
-    """The (backbone, stem) pairs to pretrain on the corpus, once each: the student's and those of
-    the named ``teachers`` (the ones to be trained), where ``pretrained: builtin``."""
-    models = [study.student] + [study.teachers[name].model for name in teachers]
+    """The (backbone, stem) pairs to pretrain on the corpus, once each: the students' (every one a
+    search may choose) and those of the named ``teachers`` (the ones to be trained), where
+    ``pretrained: builtin``."""
+    models = [study.student, *architectures(study).values()] + [study.teachers[name].model for name in teachers]
     chosen = {
         pretrain_key(study, m): ModelConfig(backbone=m.backbone, stem=m.stem, pretrained=BUILTIN_WEIGHTS)
         for m in models
@@ -201,7 +206,7 @@ def distill_job(plan: Plan, params: dict[str, Any], seed: int, output: Path) -> 
     optim = study.optim.model_copy(update={"lr": params["lr"]} if "lr" in params else {})
     return DistillJobConfig(
         data=study.data,
-        student=plan.weights(study.student),
+        student=plan.weights(student_model(study, params)),
         teachers={name: teacher_ref(plan, name) for name in used},
         teacher_mode=study.distill.teacher_mode,
         teacher_precision=study.distill.teacher_precision,
@@ -292,7 +297,7 @@ def trial_job(plan: Plan, config: dict[str, Any], trial_id: str | None = None) -
         return TrialJob(cfg, f"{plan.parent_run_id}/repeat/{digest}/{seed}", f"best s{seed}", "repeat", params, tags)
     if trial_id is None:
         raise ValueError("trial_job: a search trial needs its Tune trial id")
-    params = {k: v for k, v in config.items() if k in plan.study.search.searched()}
+    params = {k: v for k, v in config.items() if k in plan.study.search.searched() or k == STUDENT_PARAM}
     cfg = distill_job(plan, params, seed, plan.root / "trials" / trial_id)
     tags = base | {tracking.KIND_TAG: "trial", "mgd_ray.trial_id": trial_id, "mgd_ray.seed": str(seed)}
     return TrialJob(cfg, f"{plan.parent_run_id}/trial/{trial_id}", f"trial {trial_id}", "trial", params, tags)

@@ -25,8 +25,9 @@ from mgd_ray.data.stream import JobData, load_job_data
 from mgd_ray.export import export_onnx
 from mgd_ray.final_eval import example_predictions, load_examples, load_model
 from mgd_ray.models.complexity import latency_ms, segmenter_cost
-from mgd_ray.plots import overlay_grid, plot_miou_vs_cost
+from mgd_ray.plots import overlay_grid, pareto_front, plot_miou_vs_cost
 from mgd_ray.serving import log_served_model
+from mgd_ray.study.costs import COST_KEYS, COST_UNITS, architectures
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.results import METRIC, StudyResults, final_miou, finalize_stopped, study_results
 from mgd_ray.study.search import optuna_study_from
@@ -62,8 +63,13 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     lines += _warm_start_section(plan, results)
     out_dir = plan.root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    student_cost = (student_gflops, latency_ms(study.student, data.num_classes, size))
-    pictures = _plots(plan, results, teachers, student_cost, out_dir)
+    measured = plan.reference_costs.get("student")
+    student_latency = measured.latency_ms if measured is not None else None
+    if student_latency is None:
+        student_latency = latency_ms(study.student, data.num_classes, size)
+    if study.search.searches_student:
+        lines += _front_section(plan, results, data.num_classes)
+    pictures = _plots(plan, results, teachers, (student_gflops, student_latency), out_dir)
     if pictures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pictures] + [""]
     if results.best is not None:
@@ -277,6 +283,97 @@ def _trials_section(results: StudyResults) -> list[str]:
     return lines
 
 
+def _trial_cost(row: dict[str, Any]) -> dict[str, float | None]:
+    """A trial's cost as its run recorded it (``cost/*`` metrics): gflops, params_m, latency_ms."""
+    return {key: row.get("cost", {}).get(key) for key in ("gflops", "params_m", "latency_ms")}
+
+
+def front_members(plan: Plan, results: StudyResults) -> list[dict[str, Any]]:
+    """The finished trials on the Pareto front of val mIoU (max) against the study's cost (min; GFLOPs
+    when the search has one objective), cheapest first; one per architecture (cost is the architecture's)."""
+    key = COST_KEYS[plan.study.searcher.cost if plan.study.searcher.multi_objective else "gflops"]
+    done = [
+        r
+        for r in results.trials
+        if r["state"] == "finished" and r["miou"] is not None and _trial_cost(r)[key] is not None
+    ]
+    front, seen = [], set()
+    for i in pareto_front([(_trial_cost(r)[key], r["miou"]) for r in done]):
+        if done[i]["architecture"] not in seen:
+            seen.add(done[i]["architecture"])
+            front.append(done[i])
+    return front
+
+
+def _front_section(plan: Plan, results: StudyResults, num_classes: int) -> list[str]:
+    """The Pareto front of the searched students: each member registered in MLflow as a version of
+    ``<study>-front`` with its cost, under an alias that is its architecture's name."""
+    study = plan.study
+    kind = study.searcher.cost if study.searcher.multi_objective else "gflops"
+    unit, key = COST_UNITS[kind], COST_KEYS[kind]
+    front = front_members(plan, results)
+    lines = [
+        f"## Pareto front: val mIoU against {unit} (the student searched among {', '.join(plan.students)})",
+        "",
+    ]
+    excluded = sorted(set(architectures(study)) - set(plan.students))
+    if excluded:
+        lines += [f"Over the searcher's limits, never trained: {', '.join(excluded)}.", ""]
+    if not front:
+        return lines + ["No searched trial finished.", ""]
+    lines += [
+        "| member | val mIoU (%) | params (M) | GFLOPs | latency (ms) | trial | registered as |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    name = f"{study.name}-front"
+    for row in front:
+        cost = _trial_cost(row)
+        uri = _register_front_member(plan, row, name, kind, cost[key], num_classes)
+        latency = "n/a" if cost["latency_ms"] is None else f"{cost['latency_ms']:.2f}"
+        lines.append(
+            f"| {row['architecture']} | {_pct(row['miou'])} | {cost['params_m']:.2f} | {cost['gflops']:.2f} | "
+            f"{latency} | {row['name']} `{json.dumps(row['params'], sort_keys=True)}` | `{uri}` |"
+        )
+    example = front[0]["architecture"]
+    lines += [
+        "",
+        f"Each member is a version of `{name}` with the alias of its architecture: "
+        f"`mgd-ray export models:/{name}@{example} --format onnx --out {example}.onnx --tracking-uri {plan.tracking_uri}` "
+        f"and `mgd-ray predict models:/{name}@{example} ...` take it by name.",
+        "",
+    ]
+    return lines
+
+
+def _register_front_member(plan: Plan, row: dict[str, Any], name: str, kind: str, cost: float, num_classes: int) -> str:
+    """Log the member's checkpoint as a served model to its trial run, register it as a version of
+    ``name`` with its cost and mIoU as tags, and point the alias (its architecture) at it."""
+    client = tracking.client_for(plan.tracking_uri)
+    study = plan.study
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = tracking.download_checkpoint(plan.tracking_uri, row["run_id"], Path(tmp))
+        load_model(ckpt, num_classes, f"front member {row['architecture']}")
+        card = (
+            f"Pareto-front student {row['architecture']} of study {study.name}: val mIoU {100 * row['miou']:.2f}, "
+            f"{cost:.4g} {COST_UNITS[kind]}; trial run {row['run_id']}, config {json.dumps(row['params'], sort_keys=True)}\n"
+            "serves images: column 'image' (JPEG/PNG bytes) in, column 'mask' (class-id PNG) out"
+        )
+        uri = log_served_model(plan.tracking_uri, row["run_id"], ckpt, study.data.crop_size, name, card)
+    version = uri.rsplit("/", 1)[1]
+    tags = {
+        "mgd_ray.architecture": row["architecture"],
+        "mgd_ray.study": study.name,
+        "mgd_ray.cost": kind,
+        f"mgd_ray.cost.{kind}": repr(cost),
+        "mgd_ray.val_mIoU": repr(row["miou"]),
+        "mgd_ray.trial_run": row["run_id"],
+    }
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, version, tag, value)
+    client.set_registered_model_alias(name, row["architecture"], version)
+    return f"models:/{name}@{row['architecture']}"
+
+
 def _warm_start_section(plan: Plan, results: StudyResults) -> list[str]:
     """Which trials ran the earlier studies' configurations (``searcher.warm_start``)."""
     if not plan.warm_start:
@@ -352,22 +449,36 @@ def _plots(
     """The paper's Fig. 1 for this study (mIoU against GFLOPs and against measured latency), Optuna's plots."""
     pictures = []
     cost = {"gflops": student_cost[0], "latency_ms": student_cost[1]}
+    # A trial is at its own student's cost when the study searches the student (its run records it);
+    # without measured latencies, such trials have none.
     points = [
-        {"name": r["name"], "kind": "trial", "miou": r["miou"]} | cost for r in results.trials if r["miou"] is not None
+        {"name": r["name"], "kind": "trial", "miou": r["miou"]}
+        | (_trial_cost(r) if plan.study.search.searches_student else cost)
+        for r in results.trials
+        if r["miou"] is not None
     ]
     points += [{"name": n, "kind": "baseline", "miou": mean_std(v)[0]} | cost for n, v in results.baselines.items()]
     points += [t for t in teachers if t["miou"] is not None]
     if points:
         size = plan.study.data.crop_size
         device = "GPU" if torch.cuda.is_available() else "CPU"
+        searcher = plan.study.searcher
+        where = (
+            f"{searcher.latency_device}"
+            + (f", {searcher.latency_threads} thread(s)" if searcher.latency_device == "cpu" else "")
+            if searcher.measures_latency
+            else f"driver {device}, 1 thread"
+        )
         for key, title in (
             ("gflops", f"mIoU against GFLOPs at {size}×{size}"),
-            ("latency_ms", f"mIoU against eager-PyTorch latency, batch 1, {size}×{size}, driver {device}"),
+            ("latency_ms", f"mIoU against eager-PyTorch latency, batch 1, {size}×{size}, {where}"),
         ):
+            if not any(p.get(key) is not None for p in points if p["kind"] == "trial") and results.trials:
+                continue  # a searched student without measured latency: no trial has one
             path = out / f"miou_vs_{key.removesuffix('_ms')}.png"
             plot_miou_vs_cost(points, path, cost_key=key, title=title)
             pictures.append(path)
-    ostudy = optuna_study_from(results.trials, plan.study.search)
+    ostudy = optuna_study_from(results.trials, plan.study.search, list(architectures(plan.study)))
     if len(ostudy.trials) >= 2:
         # Optuna draws with pyplot: a file backend, chosen here rather than for whoever imports mgd_ray.
         import matplotlib

@@ -71,6 +71,8 @@ def run_row(client: MlflowClient, run: Any) -> dict[str, Any]:
         "evals": len(history),
         "last_step": history[-1][0] if history else 0,
         "cache": tags.get("mgd_ray.teacher_cache"),
+        "architecture": tags.get("mgd_ray.architecture"),
+        "cost": {k.removeprefix("cost/"): v for k, v in run.data.metrics.items() if k.startswith("cost/")},
     }
 
 

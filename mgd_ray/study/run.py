@@ -24,6 +24,14 @@ from mgd_ray.data.datasets import DatasetError
 from mgd_ray.data.stream import with_manifest
 from mgd_ray.ray_connect import connect_ray
 from mgd_ray.study.config import StudyConfig
+from mgd_ray.study.costs import (
+    allowed,
+    architectures,
+    costs_to_json,
+    counted_costs,
+    reference_models,
+    with_latency,
+)
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.records import load_record
 from mgd_ray.study.report import write_report
@@ -71,6 +79,7 @@ def run_study(study: StudyConfig, source: Path | None = None, resume: bool = Fal
     client = tracking.client_for(plan.tracking_uri)
     _log_study(plan, client, source, data_report)
     connect_ray()
+    _student_costs(plan, client, len(data_report.class_names))
     try:
         report = _run_stages(plan, state, client, resume, tested=data_report.images["test"] > 0)
     except BaseException:
@@ -144,6 +153,31 @@ def pretrain_study(study: StudyConfig, source: Path | None = None, base: Path | 
     return state.values["pretrained"]
 
 
+def _student_costs(plan: Plan, client: MlflowClient, num_classes: int) -> None:
+    """Each student architecture's latency when the study asks for it (a Ray task on the named
+    device, or the cache), then the searcher's limits again; logged to the parent run as ``costs.json``.
+    The baselines' student and the teachers get the same measures, for the accuracy–cost figure."""
+    study = plan.study
+    refs = reference_models(study)
+    plan.reference_costs = counted_costs(refs, num_classes, study.data.crop_size)
+    if study.searcher.measures_latency:
+        models = architectures(study) | refs
+        measured, where = with_latency(
+            study, models, plan.costs | plan.reference_costs, num_classes, plan.root.parents[1]
+        )
+        plan.costs = {name: measured[name] for name in plan.costs}
+        plan.reference_costs = {name: measured[name] for name in refs}
+        tracking.set_tags(client, plan.parent_run_id, {"mgd_ray.latency_measured_on": where})
+    plan.students, excluded = allowed(study, plan.costs)
+    if excluded:
+        log.info("search: students over the searcher's limits, never trained: %s", excluded)
+        tracking.set_tags(client, plan.parent_run_id, {"mgd_ray.students_excluded": json.dumps(excluded)[:5000]})
+    path = plan.root / "costs.json"
+    costs = {"students": costs_to_json(plan.costs), "others": costs_to_json(plan.reference_costs)}
+    path.write_text(json.dumps(costs | {"searched": plan.students, "excluded": excluded}, indent=1))
+    tracking.log_files(client, plan.parent_run_id, [path], "study")
+
+
 def _finish(plan: Plan, state: StudyState, client: MlflowClient) -> None:
     state.values["done"] = True
     state.save()
@@ -164,6 +198,8 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
     storage = storage if storage.is_absolute() else (base / storage).resolve()
     study, data_report = checked_data(study, base)
     print(data_report.text(), flush=True)
+    costs = counted_costs(architectures(study), len(data_report.class_names), study.data.crop_size)
+    students, _ = allowed(study, costs)  # a student over max_gflops / max_params_m: before Ray
     client = tracking.client_for(uri)
     warm_start, warm_start_runs = resolve_warm_start(study, client, uri)  # an unknown or unfit study: before Ray
     experiment_id = tracking.ensure_experiment(client, study.experiment)
@@ -186,6 +222,7 @@ def _open(study: StudyConfig, resume: bool, base: Path) -> tuple[Plan, StudyStat
         study, storage / study.name / state.values["instance"], uri, experiment_id, state.values["parent_run_id"]
     )
     plan.warm_start, plan.warm_start_runs = warm_start, warm_start_runs
+    plan.costs, plan.students = costs, students
     plan.root.mkdir(parents=True, exist_ok=True)
     state.save()
     return plan, state, data_report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 import optuna
@@ -12,25 +13,43 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mgd_ray.study.config import FloatRange, IntRange, SearchSpace, StudyConfig
+from mgd_ray.study.costs import COST_METRICS, STUDENT_PARAM, architecture_name
+from mgd_ray.study.per_architecture import PerArchitectureASHA
 
 METRIC = "val/mIoU"
 
 log = logging.getLogger("mgd_ray.study")
 
 
-class StoredOptunaSearch(OptunaSearch):
-    """Tune's Optuna searcher, for a search whose Optuna study outlives the driver (``searcher.storage``).
+class StudyOptunaSearch(OptunaSearch):
+    """Tune's Optuna searcher, with what a study adds: the student's cost as a second objective, and
+    a storage that outlives the driver (``searcher.storage``).
 
-    The storage is written the moment Tune tells a trial's end; Tune's snapshot of the searcher is
+    Cost: a trial's cost is its architecture's (``costs``: ``params["student"]`` → value), known
+    before it trains, so the searcher tells Optuna (mIoU, cost) when the trial ends; the trial reports
+    mIoU alone, and Tune checks only that (``metric``). Optuna takes no intermediate values with
+    several objectives: early stopping is the scheduler's (``PerArchitectureASHA``).
+
+    Storage: it is written the moment Tune tells a trial's end; Tune's snapshot of the searcher is
     taken every few seconds. A driver killed in between resumes from a snapshot in which that trial
     still runs: Tune restores it, the trial replays its finished MLflow run, and Optuna refuses the
     replayed reports ("has already finished and can not be updated"), which failed the resumed study.
     The storage already holds what the trial ended with, so such reports and the end are skipped.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, costs: dict[str, float] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._ended_in_storage: set[str] = set()
+        self._costs = costs
+
+    @property
+    def metric(self) -> str | list[str] | None:
+        """What Tune requires of every result: val mIoU (the cost is the searcher's own to add)."""
+        return METRIC if getattr(self, "_costs", None) is not None else self._metric
+
+    @property
+    def mode(self) -> str | list[str] | None:
+        return "max" if getattr(self, "_costs", None) is not None else self._mode
 
     def _stored_state(self, trial_id: str) -> optuna.trial.TrialState | None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -45,7 +64,7 @@ class StoredOptunaSearch(OptunaSearch):
             log.info(
                 "search: Optuna already holds the end of trial %s (before the driver died); not told again", trial_id
             )
-        if trial_id not in self._ended_in_storage:
+        if trial_id not in self._ended_in_storage and self._costs is None:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -53,20 +72,60 @@ class StoredOptunaSearch(OptunaSearch):
             self._ended_in_storage.add(trial_id)
             self._completed_trials.add(trial_id)
             return
-        super().on_trial_complete(trial_id, result, error)
+        if self._costs is None:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        miou = result.get(METRIC) if result else None
+        if miou is None:  # as Tune's searcher does for one objective: FAIL on an error, else PRUNED
+            values, state = None, optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+        else:
+            values, state = [miou, self._costs[ot_trial.params[STUDENT_PARAM]]], optuna.trial.TrialState.COMPLETE
+        try:
+            self._ot_study.tell(ot_trial, values, state=state)
+        except Exception as exc:  # noqa: BLE001 - as Tune's searcher: e.g. a NaN mIoU
+            log.warning("search: Optuna refused trial %s's end: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
 
 
-def optuna_distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
-    """Ranges → Float/Int distributions, choice lists → categorical ones (same names as the study file)."""
+def optuna_distributions(
+    space: SearchSpace, students: list[str] | None = None
+) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Ranges → Float/Int distributions, choice lists → categorical ones (same names as the study file).
+
+    A searched student is one categorical choice, ``student``, among ``students`` (the architectures
+    within the searcher's limits, ``costs.allowed``): a pair of backbone and stride over a limit
+    cannot be left out of two independent choices.
+    """
     out: dict[str, optuna.distributions.BaseDistribution] = {}
     for name, spec in space.searched().items():
+        if name.startswith("student_"):
+            continue
         if isinstance(spec, FloatRange):
             out[name] = optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log)
         elif isinstance(spec, IntRange):
             out[name] = optuna.distributions.IntDistribution(spec.low, spec.high, step=spec.step)
         else:
             out[name] = optuna.distributions.CategoricalDistribution(list(spec.choices))
+    if space.searches_student:
+        if not students:
+            raise ValueError("optuna_distributions: the search varies the student; pass its architectures")
+        out[STUDENT_PARAM] = optuna.distributions.CategoricalDistribution(list(students))
     return out
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, which Tune can snapshot: Optuna 5's holds a ``threading.Lock`` (for its
+    generation cache), which pickle refuses; it is left out and made anew on unpickling."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -75,6 +134,10 @@ def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=searcher.seed)
     if searcher.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=searcher.seed, warn_independent_sampling=False)
+    if searcher.sampler == "nsga2":
+        # A generation of at least 2 and at most a third of the trials: Optuna's default of 50 would
+        # make any study under 50 trials pure random search.
+        return PicklableNSGAIISampler(seed=searcher.seed, population_size=max(2, searcher.num_samples // 3))
     # TPE's default warm-up of 10 random trials would make a small study pure random search.
     startup = max(2, min(10, searcher.num_samples // 3))
     return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup)
@@ -85,20 +148,29 @@ def make_searcher(
     storage: optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
     points: list[dict[str, Any]] | None = None,
+    students: list[str] | None = None,
+    costs: dict[str, float] | None = None,
 ) -> OptunaSearch | None:
     """Tune's Optuna searcher; with ``storage``, its Optuna study is ``study_name`` there. ``points``
-    (``warm_start_points``) are enqueued, so the first trials run them before the sampler proposes."""
-    space = optuna_distributions(study.search)
+    (``warm_start_points``) are enqueued, so the first trials run them before the sampler proposes.
+    ``students``: the architectures a searched student chooses among; ``costs`` (architecture → the
+    study's cost) makes the search multi-objective: val mIoU (max) and cost (min)."""
+    space = optuna_distributions(study.search, students)
     if not space:
         return None  # nothing to search: num_samples repeats of the default configuration
-    return (StoredOptunaSearch if storage is not None else OptunaSearch)(
+    multi = study.searcher.multi_objective
+    if multi and costs is None:
+        raise ValueError(f"make_searcher: searcher.cost {study.searcher.cost} needs each architecture's cost")
+    cost_metric = COST_METRICS.get(study.searcher.cost, "")
+    return StudyOptunaSearch(
         space=space,
-        metric=METRIC,
-        mode="max",
+        metric=[METRIC, cost_metric] if multi else METRIC,
+        mode=["max", "min"] if multi else "max",
         sampler=make_sampler(study),
         storage=storage,
         study_name=study_name,
         points_to_evaluate=points or None,
+        costs=costs if multi else None,
     )
 
 
@@ -117,6 +189,7 @@ def unsearched_values(study: StudyConfig) -> dict[str, Any]:
         "pixel_unlabeled": losses.pixel_unlabeled,
         "image_level": bool(losses.image_teachers),
         "region_level": bool(losses.region_teachers),
+        STUDENT_PARAM: architecture_name(study.student),
     }
 
 
@@ -134,7 +207,9 @@ def warm_start_points(
     outside this space (a range it leaves, a teacher pairing it lacks) is an error naming both,
     raised before any training: Optuna would otherwise warn and run a configuration the space excludes.
     """
-    dists = optuna_distributions(study.search)
+    from mgd_ray.study.costs import architectures
+
+    dists = optuna_distributions(study.search, list(architectures(study)))
     points: list[dict[str, Any]] = []
     for other, best in earlier:
         if not best:
@@ -201,14 +276,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         ) from err
 
 
-def fresh_optuna_study(storage: optuna.storages.BaseStorage, name: str, attrs: dict[str, str]) -> optuna.Study:
+def fresh_optuna_study(
+    storage: optuna.storages.BaseStorage, name: str, attrs: dict[str, str], multi_objective: bool = False
+) -> optuna.Study:
     """The Optuna study ``name``, emptied: a search that starts again (not restored from Tune's
-    snapshot) must not add its trials to those of an interrupted attempt. ``attrs`` link it to MLflow."""
+    snapshot) must not add its trials to those of an interrupted attempt. ``attrs`` link it to MLflow.
+    A multi-objective search maximises val mIoU and minimises the cost, in that order."""
     try:
         optuna.delete_study(study_name=name, storage=storage)
     except KeyError:
         pass  # none yet
-    ostudy = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
+    ostudy = optuna.create_study(storage=storage, study_name=name, directions=directions)
     for key, value in attrs.items():
         ostudy.set_user_attr(key, value)
     return ostudy
@@ -240,17 +319,22 @@ def make_scheduler(study: StudyConfig) -> TrialScheduler:
         max_t = max(study.search.iterations.choices) // study.schedule.eval_every
     # max_t one past the last evaluation: ASHA stops a trial *at* max_t, which would kill a finished
     # trial's function before it exports its model and logs its artifacts.
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=max_t + 1,
-        grace_period=min(scheduler.grace_period, max_t),
-        reduction_factor=scheduler.reduction_factor,
-    )
+    settings = {
+        "time_attr": "training_iteration",
+        "max_t": max_t + 1,
+        "grace_period": min(scheduler.grace_period, max_t),
+        "reduction_factor": scheduler.reduction_factor,
+    }
+    if study.searcher.multi_objective:
+        return PerArchitectureASHA(STUDENT_PARAM, METRIC, "max", **settings)
+    return ASHAScheduler(**settings)
 
 
-def optuna_study_from(rows: list[dict[str, Any]], space: SearchSpace) -> optuna.Study:
+def optuna_study_from(
+    rows: list[dict[str, Any]], space: SearchSpace, students: list[str] | None = None
+) -> optuna.Study:
     """An Optuna study rebuilt from the finished trials (params + best mIoU), for Optuna's plots."""
-    dists = optuna_distributions(space)
+    dists = optuna_distributions(space, students)
     ostudy = optuna.create_study(direction="maximize")
     for row in rows:
         params = {k: row["params"][k] for k in dists if k in row["params"]}

@@ -426,10 +426,19 @@ def stage_search(plan: Plan, resume: bool) -> Any:
     elif resume:
         drop_orphan_trial_runs(plan, set())  # the search had not snapshotted yet: it starts afresh
     storage = open_storage(study.searcher.storage) if study.searcher.storage else None
-    searcher = make_searcher(study, storage, plan.optuna_study if storage else None, plan.warm_start)
+    costs = {name: plan.costs[name].value(study.searcher.cost) for name in plan.students}
+    searcher = make_searcher(
+        study,
+        storage,
+        plan.optuna_study if storage else None,
+        plan.warm_start,
+        students=plan.students,
+        costs=costs if study.searcher.multi_objective else None,
+    )
     if storage is not None and searcher is not None and not restoring:
         attrs = {"mgd_ray.study": study.name, "mlflow.parent_run_id": plan.parent_run_id}
-        fresh_optuna_study(storage, plan.optuna_study, attrs | {"mlflow.tracking_uri": shown_url(plan.tracking_uri)})
+        attrs |= {"mlflow.tracking_uri": shown_url(plan.tracking_uri)}
+        fresh_optuna_study(storage, plan.optuna_study, attrs, multi_objective=study.searcher.multi_objective)
     tuner = _tuner(
         plan,
         "search",

@@ -29,6 +29,7 @@ from mgd_ray.data.datasets import voc_palette
 from mgd_ray.data.stream import load_job_data
 from mgd_ray.final_eval import example_predictions, load_examples, recorded_evaluation
 from mgd_ray.plots import overlay_grid, plot_confusion_matrix
+from mgd_ray.study.costs import architecture_name
 from mgd_ray.study.plan import Plan, TrialJob, trial_job
 from mgd_ray.teacher_cache.read import check_cache
 from mgd_ray.train import copy_exported_model, exported_file, latest_checkpoint, make_trainer, scaling_config
@@ -81,6 +82,12 @@ def _describe_run(plan: Plan, job: TrialJob, client: MlflowClient, run_id: str) 
             "mgd_ray.teacher_cache": "hit" if status.hit else "live teachers",
             "mgd_ray.teacher_cache_reason": status.reason[:4000],
         }
+    student = getattr(job.cfg, "student", None)
+    cost = plan.costs.get(architecture_name(student)) if student is not None else None
+    if cost is not None:  # the student's cost, known before it trains: the search's second objective
+        tags["mgd_ray.architecture"] = architecture_name(student)
+        if not set(cost.metrics()) <= set(client.get_run(run_id).data.metrics):  # once, also when resumed
+            tracking.log_metrics(client, run_id, cost.metrics(), step=0)
     tracking.set_tags(client, run_id, tags)
     params = {f"search.{k}": v for k, v in job.params.items()} | tracking.flatten("", job.cfg.model_dump(mode="json"))
     tracking.log_params(client, run_id, params)

@@ -2,6 +2,7 @@
 with a one-line error that hides passwords, one fresh Optuna study per search, and trials that a dead
 driver left RUNNING marked FAIL."""
 
+import pickle
 from pathlib import Path
 
 import optuna
@@ -153,6 +154,7 @@ def test_warm_start_points_fill_what_the_earlier_study_fixed_and_refuse_what_thi
         "pixel_unlabeled": True,
         "image_level": True,
         "region_level": True,
+        "student": "mobilenet_v2-os16",  # the student it trained: a point of a space that searches it
     }
     best = [{"lambda_1": 0.003}, {"lambda_1": 0.02}, {"lambda_1": 0.003}]
     now = _space_study(tmp_path, BOTH, warm_start=["earlier"], warm_start_best=3)
@@ -205,3 +207,23 @@ def test_warm_start_resolves_earlier_studies_from_mlflow_or_names_what_is_missin
     missing = _space_study(tmp_path, BOTH, warm_start=["earlier", "gone"])
     with pytest.raises(StudyRecordError, match="no finished study 'gone'"):
         resolve_warm_start(missing, client, uri)
+
+
+def test_a_multi_objective_searcher_tells_optuna_the_mIoU_and_the_architectures_cost(tmp_path):
+    raw = tiny_builtin_study("mo", tmp_path, "sqlite:///mlflow.db", SCHEDULE, trials=3)
+    raw["search"] = {"student_backbone": {"choices": ["mobilenet_v2", "resnet18"]}}
+    raw["searcher"] |= {"cost": "gflops", "sampler": "nsga2"}
+    study = parse_study(raw)
+    costs = {"mobilenet_v2-os16": 0.2, "resnet18-os16": 0.3}
+    searcher = make_searcher(study, students=list(costs), costs=costs)
+    assert (searcher.metric, searcher.mode) == ("val/mIoU", "max")  # what Tune checks every result for
+    pickle.loads(pickle.dumps(searcher))  # Tune snapshots it (Optuna's NSGA-II holds a lock)
+    configs = {t: searcher.suggest(t) for t in ("a", "b", "c")}
+    searcher.on_trial_result("a", {"val/mIoU": 0.3, "training_iteration": 1})  # no intermediate values
+    searcher.on_trial_complete("a", {"val/mIoU": 0.4, "training_iteration": 2})
+    searcher.on_trial_complete("b", {"training_iteration": 1})  # stopped before an evaluation
+    searcher.on_trial_complete("c", None, error=True)
+    a, b, c = searcher._ot_study.trials
+    assert a.state.name == "COMPLETE" and a.values == [0.4, costs[configs["a"]["student"]]]
+    assert a.intermediate_values == {}
+    assert (b.state.name, c.state.name) == ("PRUNED", "FAIL")

@@ -138,3 +138,53 @@ def test_ray_train_options_reach_ray_under_the_names_it_reads():
         e.startswith("ray_train.health_check_interval_s: Input should be greater than 0")
         for e in errors_of({**MINIMAL, "ray_train": {"health_check_interval_s": 0}})
     )
+
+
+# ---------------------------------------------------------------------------- searching the student
+def test_a_searched_student_and_a_cost_objective_validate_together():
+    ok = parse_study(
+        MINIMAL
+        | {
+            "search": {
+                "student_backbone": {"choices": ["resnet18", "mobilenet_v2"]},
+                "student_output_stride": {"choices": [8, 16]},
+            },
+            "searcher": {"cost": "latency", "sampler": "nsga2", "max_gflops": 5},
+        }
+    )
+    from mgd_ray.study.costs import architectures
+
+    assert list(architectures(ok)) == ["resnet18-os8", "resnet18-os16", "mobilenet_v2-os8", "mobilenet_v2-os16"]
+    assert ok.searcher.multi_objective and ok.searcher.measures_latency
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"searcher": {"cost": "gflops"}}, "searcher.cost: gflops is a second objective only when the search varies"),
+        (
+            {
+                "search": {"student_backbone": {"choices": ["resnet18"]}},
+                "searcher": {"cost": "params", "sampler": "cmaes"},
+            },
+            "searcher.sampler: cmaes optimises one objective",
+        ),
+        (
+            {"search": {"student_backbone": {"choices": ["vgg16"]}}},
+            "search.student_backbone.choices.0: Input should be",
+        ),
+        (
+            {"search": {"student_output_stride": {"choices": [4]}}},
+            "search.student_output_stride.choices.0: Input should be",
+        ),
+        (
+            {
+                "student": {"backbone": "mobilenet_v2", "output_stride": 32, "layout": "official"},
+                "search": {"student_output_stride": {"choices": [16, 32]}},
+            },
+            "search.student_backbone: the student has layout: official",
+        ),
+    ],
+)
+def test_a_student_search_that_cannot_run_is_refused_naming_the_field(patch, expected):
+    assert any(line.startswith(expected) for line in errors_of(MINIMAL | patch)), errors_of(MINIMAL | patch)
