@@ -25,7 +25,7 @@ from mgd_ray.data.stream import JobData, load_job_data
 from mgd_ray.export import export_onnx
 from mgd_ray.final_eval import example_predictions, load_examples, load_model
 from mgd_ray.models.complexity import latency_ms, segmenter_cost
-from mgd_ray.plots import overlay_grid, pareto_front, plot_miou_vs_cost
+from mgd_ray.plots import COST_LABELS, overlay_grid, pareto_front, plot_miou_vs_cost
 from mgd_ray.serving import log_served_model
 from mgd_ray.study.costs import COST_KEYS, COST_UNITS, architectures
 from mgd_ray.study.plan import Plan
@@ -310,10 +310,10 @@ def _front_section(plan: Plan, results: StudyResults, num_classes: int) -> list[
     ``<study>-front`` with its cost, under an alias that is its architecture's name."""
     study = plan.study
     kind = study.searcher.cost if study.searcher.multi_objective else "gflops"
-    unit, key = COST_UNITS[kind], COST_KEYS[kind]
+    key = COST_KEYS[kind]
     front = front_members(plan, results)
     lines = [
-        f"## Pareto front: val mIoU against {unit} (the student searched among {', '.join(plan.students)})",
+        f"## Pareto front: val mIoU against {COST_LABELS[key]} (the student searched among {', '.join(plan.students)})",
         "",
     ]
     excluded = sorted(set(architectures(study)) - set(plan.students))
@@ -471,7 +471,7 @@ def _plots(
         )
         for key, title in (
             ("gflops", f"mIoU against GFLOPs at {size}×{size}"),
-            ("latency_ms", f"mIoU against eager-PyTorch latency, batch 1, {size}×{size}, {where}"),
+            ("latency_ms", f"mIoU against latency (eager PyTorch, batch 1, {size}×{size}, {where})"),
         ):
             if not any(p.get(key) is not None for p in points if p["kind"] == "trial") and results.trials:
                 continue  # a searched student without measured latency: no trial has one

@@ -426,14 +426,10 @@ def stage_search(plan: Plan, resume: bool) -> Any:
     elif resume:
         drop_orphan_trial_runs(plan, set())  # the search had not snapshotted yet: it starts afresh
     storage = open_storage(study.searcher.storage) if study.searcher.storage else None
-    costs = {name: plan.costs[name].value(study.searcher.cost) for name in plan.students}
+    multi = study.searcher.multi_objective
+    costs = {name: plan.costs[name].value(study.searcher.cost) for name in plan.students} if multi else None
     searcher = make_searcher(
-        study,
-        storage,
-        plan.optuna_study if storage else None,
-        plan.warm_start,
-        students=plan.students,
-        costs=costs if study.searcher.multi_objective else None,
+        study, storage, plan.optuna_study if storage else None, plan.warm_start, students=plan.students, costs=costs
     )
     if storage is not None and searcher is not None and not restoring:
         attrs = {"mgd_ray.study": study.name, "mlflow.parent_run_id": plan.parent_run_id}

@@ -52,6 +52,7 @@ class TableRow:
     backbone: str
     val: dict[str, list[float]] = field(default_factory=dict)
     test: dict[str, list[float]] = field(default_factory=dict)
+    chosen: dict[str, str] = field(default_factory=dict)  # partition → the student the search chose there
 
 
 def table_rows(study: StudyConfig, records: dict[str, StudyRecord]) -> list[TableRow]:
@@ -61,7 +62,8 @@ def table_rows(study: StudyConfig, records: dict[str, StudyRecord]) -> list[Tabl
         for name, spec in study.teachers.items()
     ]
     rows += [TableRow(b.name, "baseline", b.method, study.student.backbone) for b in study.baselines]
-    rows.append(TableRow("MGD (best searched configuration)", "mgd", "mgd", study.student.backbone))
+    searched = "searched (per cell)" if study.search.searches_student else study.student.backbone
+    rows.append(TableRow("MGD (best searched configuration)", "mgd", "mgd", searched))
     for partition, record in records.items():
         results = record.results
         for row, name in zip(rows[: len(study.teachers)], study.teachers, strict=True):
@@ -73,6 +75,8 @@ def table_rows(study: StudyConfig, records: dict[str, StudyRecord]) -> list[Tabl
             row.test[partition] = results.baselines_test.get(baseline.name, [])
         rows[-1].val[partition] = results.mgd
         rows[-1].test[partition] = results.mgd_test
+        if study.search.searches_student and results.best is not None:
+            rows[-1].chosen[partition] = results.best["params"].get("student", "?")
     return rows
 
 
@@ -103,7 +107,8 @@ def table_markdown(study: StudyConfig, rows: list[TableRow], run_ids: dict[str, 
             figures = paper_table(paper, r.backbone).get(r.paper_method, {}) if paper else {}
             cells = ""
             for p in partitions:
-                cells += f" {_cell(getattr(r, split).get(p, []))} |"
+                chosen = f" ({r.chosen[p]})" if p in r.chosen else ""
+                cells += f" {_cell(getattr(r, split).get(p, []))}{chosen} |"
                 if paper:
                     cells += f" {figures[p]:.2f} |" if p in figures else " – |"
             lines.append(f"| {r.label} | {r.backbone} |{cells}")

@@ -110,3 +110,25 @@ def test_a_two_partition_study_fills_both_columns_with_the_cells_figures(tmp_pat
     assert len(tables) == 1 and json.loads(tables[0].data.tags["mgd_ray.cells"]) == {
         p: parents[cell_name("tbl", p)].info.run_id for p in ("1/4", "1/2")
     }
+
+
+def test_a_table_of_a_student_search_names_the_student_each_cell_chose(tmp_path):
+    from mgd_ray.study.records import load_record
+    from mgd_ray.study.table import table_markdown, table_rows
+    from mgd_ray.testing import record_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = table_raw(tmp_path)
+    raw["search"] = {"student_backbone": {"choices": ["mobilenet_v2", "resnet18"]}}
+    study = parse_study(raw)
+    client = MlflowClient(uri)
+    records, run_ids = {}, {}
+    for cell, winner in zip(table_cells(study), ("resnet18-os16", "mobilenet_v2-os16"), strict=True):
+        loser = "mobilenet_v2-os16" if winner == "resnet18-os16" else "resnet18-os16"
+        trials = [({"student": winner}, [0.3, 0.5], "finished"), ({"student": loser}, [0.2, 0.4], "finished")]
+        cell_raw = json.loads(cell.model_dump_json())
+        run_ids[cell.data.partition] = record_study(uri, cell_raw, trials, baselines={"supervised": [0.35]})
+        records[cell.data.partition] = load_record(client, uri, run_ids[cell.data.partition])
+    text = table_markdown(study, table_rows(study, records), run_ids)
+    assert "| MGD (best searched configuration) | searched (per cell) | 50.00 ± 0.00 (resnet18-os16) |" in text
+    assert "| 50.00 ± 0.00 (mobilenet_v2-os16) |" in text
