@@ -140,12 +140,14 @@ def record_study(
     baselines: dict[str, list[float]] | None = None,
     repeats: list[float] = (),
     cost: dict[str, float] | None = None,
+    student_costs: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """Write a finished study's record into MLflow directly, as ``mgd-ray run`` leaves it, without
     training: the parent run (tags, ``study/resolved_study.json``, the report's cost metrics) and its
     child runs. ``trials``: (params, val mIoU per evaluation, state); ``baselines``: name → last val
-    mIoU per seed; ``repeats``: the best finished trial's configuration on further seeds. Returns the
-    parent run id."""
+    mIoU per seed; ``repeats``: the best finished trial's configuration on further seeds;
+    ``student_costs``: architecture → its ``cost/*`` metrics, recorded on each trial whose params name
+    that ``student`` (a study that searches its student). Returns the parent run id."""
     import json
     import tempfile
 
@@ -173,6 +175,10 @@ def record_study(
         )
         tracking.set_tags(client, run_id, {tracking.STATE_TAG: state, **extra})
         metrics = [Metric("val/mIoU", v, 1000 * step, step) for step, v in enumerate(history, 1)]
+        arch = params.get("student")
+        if student_costs and arch in student_costs:
+            tracking.set_tags(client, run_id, {"mgd_ray.architecture": arch})
+            metrics += [Metric(f"cost/{k}", v, 0, 0) for k, v in student_costs[arch].items()]
         client.log_batch(run_id, metrics=metrics)
         client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
 

@@ -9,7 +9,7 @@ own report; the student's cost is what that report logged (``student/gflops``, `
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mgd_ray import tracking
@@ -37,6 +37,10 @@ class Compared:
     mgd_test: list[float] = field(default_factory=list)
     baselines: dict[str, list[float]] = field(default_factory=dict)
     baselines_test: dict[str, list[float]] = field(default_factory=dict)
+    # MGD's own student where the study searched it (its best trial's architecture and cost), else the above
+    mgd_student: str | None = None
+    mgd_params_m: float | None = None
+    mgd_gflops: float | None = None
 
 
 def compared(record: StudyRecord) -> Compared:
@@ -47,7 +51,7 @@ def compared(record: StudyRecord) -> Compared:
         if data.labeled
         else (f"list {data.labeled_list.name}" if data.labeled_list else data.partition)
     )
-    return Compared(
+    row = Compared(
         study=study.name,
         run_id=record.run_id,
         data=f"{data.dataset} {budget}",
@@ -61,6 +65,15 @@ def compared(record: StudyRecord) -> Compared:
         baselines=results.baselines,
         baselines_test=results.baselines_test,
     )
+    return replace(row, **_searched_student(results.best))
+
+
+def _searched_student(best: dict | None) -> dict:
+    """The best trial's student and cost, when its study searched the student (its run records them)."""
+    if not best or not best.get("architecture"):
+        return {}
+    cost = best.get("cost", {})
+    return {"mgd_student": best["architecture"], "mgd_params_m": cost.get("params_m"), "mgd_gflops": cost.get("gflops")}
 
 
 def _cost(value: float | None, digits: int = 2) -> str:
@@ -76,11 +89,15 @@ def compare_markdown(rows: list[Compared], uri: str) -> str:
         head, rule = head + " test mIoU (%) |", rule + "---|"
     lines = [f"# Studies compared (`{uri}`)", "", head, rule]
     for r in rows:
-        cost = f"{_cost(r.gflops)} ({r.crop}²)"
-        entries = [("MGD (best configuration)", r.mgd, r.mgd_test)]
-        entries += [(name, vals, r.baselines_test.get(name, [])) for name, vals in r.baselines.items()]
-        for method, val, test in entries:
-            line = f"| {r.study} | {r.data} | {r.student} | {_cost(r.params_m)} | {cost} | {method} | {fmt_ms(val)} |"
+        mgd = (r.mgd_student, r.mgd_params_m, r.mgd_gflops) if r.mgd_student else (r.student, r.params_m, r.gflops)
+        entries = [("MGD (best configuration)", r.mgd, r.mgd_test, *mgd)]
+        entries += [
+            (name, vals, r.baselines_test.get(name, []), r.student, r.params_m, r.gflops)
+            for name, vals in r.baselines.items()
+        ]
+        for method, val, test, student, params_m, gflops in entries:
+            cost = f"{_cost(gflops)} ({r.crop}²)"
+            line = f"| {r.study} | {r.data} | {student} | {_cost(params_m)} | {cost} | {method} | {fmt_ms(val)} |"
             lines.append(line + (f" {fmt_ms(test)} |" if tested else ""))
     lines += ["", "Best configurations:", ""]
     for r in rows:
@@ -98,10 +115,11 @@ def compare_points(rows: list[Compared]) -> list[dict]:
     """The figure's points: each study's MGD and baselines at its student's GFLOPs (mean val mIoU)."""
     points = []
     for r in rows:
+        mgd_gflops = r.mgd_gflops if r.mgd_student else r.gflops
+        if r.mgd and mgd_gflops is not None:
+            points.append({"name": f"{r.study}: MGD", "kind": "mgd", "miou": mean_std(r.mgd)[0], "gflops": mgd_gflops})
         if r.gflops is None:
             continue
-        if r.mgd:
-            points.append({"name": f"{r.study}: MGD", "kind": "mgd", "miou": mean_std(r.mgd)[0], "gflops": r.gflops})
         for name, vals in r.baselines.items():
             points.append(
                 {"name": f"{r.study}: {name}", "kind": "baseline", "miou": mean_std(vals)[0], "gflops": r.gflops}

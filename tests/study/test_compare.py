@@ -69,3 +69,23 @@ def test_the_compare_command_prints_the_table_or_one_line_for_an_unknown_study(t
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("no finished study 'typo'") and "large, small" in err
     assert not (tmp_path / "d").exists()  # nothing half-written
+
+
+def test_a_study_that_searched_its_student_compares_mgd_at_the_chosen_students_cost(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = tiny_builtin_study("front", tmp_path, uri, SCHEDULE, trials=2)
+    raw["search"] = {"student_backbone": {"choices": ["mobilenet_v2", "resnet18"]}}
+    record_study(
+        uri,
+        raw,
+        [({"student": "resnet18-os16"}, [0.5], "finished"), ({"student": "mobilenet_v2-os16"}, [0.4], "finished")],
+        baselines={"supervised": [0.3]},
+        cost={"student/gflops": 0.05, "student/params_m": 2.5},  # the baselines' student: mobilenet_v2
+        student_costs={"resnet18-os16": {"gflops": 0.4, "params_m": 12.0}, "mobilenet_v2-os16": {"gflops": 0.05}},
+    )
+    text, _ = write_compare(uri, ["front"], tmp_path / "out")
+    rows = [line for line in text.splitlines() if line.startswith("| front")]
+    assert rows == [
+        f"| front | builtin 1/4 | resnet18-os16 | 12.00 | 0.40 (32²) | MGD (best configuration) | {_cell([0.5])} |",
+        f"| front | builtin 1/4 | mobilenet_v2 (OS 16) | 2.50 | 0.05 (32²) | supervised | {_cell([0.3])} |",
+    ]
