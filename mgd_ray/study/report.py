@@ -63,10 +63,7 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     lines += _warm_start_section(plan, results)
     out_dir = plan.root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    measured = plan.reference_costs.get("student")
-    student_latency = measured.latency_ms if measured is not None else None
-    if student_latency is None:
-        student_latency = latency_ms(study.student, data.num_classes, size)
+    student_latency = _latency(plan, "student", study.student, data.num_classes)
     if study.search.searches_student:
         lines += _front_section(plan, results, data.num_classes)
     pictures = _plots(plan, results, teachers, (student_gflops, student_latency), out_dir)
@@ -89,6 +86,15 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
         tracking.log_metrics(client, plan.parent_run_id, {"best/val_mIoU": results.best["miou"]}, step=0)
     print("\n".join(lines))
     return report
+
+
+def _latency(plan: Plan, name: str, model: Any, num_classes: int) -> float:
+    """A model's latency as the study measured it (``searcher.latency_device``, ``reference_costs``),
+    else measured here in the driver, 1 thread: every point of one figure is measured alike."""
+    measured = plan.reference_costs.get(name)
+    if measured is not None and measured.latency_ms is not None:
+        return measured.latency_ms
+    return latency_ms(model, num_classes, plan.study.data.crop_size)
 
 
 def _header_section(plan: Plan, data: JobData) -> list[str]:
@@ -168,7 +174,7 @@ def _teachers_section(plan: Plan, state: dict[str, Any], num_classes: int) -> tu
                 "miou": miou,
                 "test": test,
                 "gflops": gflops,
-                "latency_ms": latency_ms(spec.model, num_classes, size),
+                "latency_ms": _latency(plan, f"teacher {name}", spec.model, num_classes),
             }
         )
         rows.append((name, spec.model.backbone, info.get("source", "?"), miou, test, params_m, gflops))
