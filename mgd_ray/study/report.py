@@ -14,6 +14,7 @@ import math
 import shutil
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,20 @@ from mgd_ray.data.stream import JobData, load_job_data
 from mgd_ray.export import export_onnx
 from mgd_ray.final_eval import example_predictions, load_examples, load_model
 from mgd_ray.models.complexity import latency_ms, segmenter_cost
-from mgd_ray.plots import COST_LABELS, overlay_grid, pareto_front, plot_miou_vs_cost
+from mgd_ray.plots import COST_LABELS, overlay_grid, plot_miou_vs_cost
 from mgd_ray.serving import log_served_model
-from mgd_ray.study.costs import COST_KEYS, COST_UNITS, architectures
+from mgd_ray.study.costs import COST_KEYS, COST_UNITS, architecture_name, architectures
 from mgd_ray.study.plan import Plan
-from mgd_ray.study.results import METRIC, StudyResults, final_miou, finalize_stopped, study_results
+from mgd_ray.study.results import (
+    METRIC,
+    StudyResults,
+    baselines_student_best,
+    final_miou,
+    finalize_stopped,
+    front_members,
+    study_results,
+    trial_cost,
+)
 from mgd_ray.study.search import optuna_study_from
 
 
@@ -58,7 +68,11 @@ def write_report(plan: Plan, state: dict[str, Any]) -> Path:
     teacher_lines, teachers = _teachers_section(plan, state, data.num_classes)
     lines += teacher_lines
     lines += _student_section(plan, state, results, student_params, student_gflops)
-    lines += _comparison_section(results, teachers)
+    if study.search.searches_student:  # like for like: the baselines' student, the front has the others
+        label = f"MGD (best trial on the baselines' student, {architecture_name(study.student)})"
+        lines += _comparison_section(_beside_baselines(plan, results), teachers, label)
+    else:
+        lines += _comparison_section(results, teachers)
     lines += _trials_section(results)
     lines += _warm_start_section(plan, results)
     out_dir = plan.root / "report"
@@ -223,7 +237,9 @@ def _student_section(
     return lines + [f"Teacher-signal cache: {size_text}; it served {hits} of {len(served)} MGD runs" + live, ""]
 
 
-def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -> list[str]:
+def _comparison_section(
+    results: StudyResults, teachers: list[dict[str, Any]], label: str = "MGD (best searched configuration)"
+) -> list[str]:
     """MGD's best configuration against each baseline, mean ± std over seeds, and the verdict: on the
     test split when the data has one (val chose the configuration), else on val."""
     if not (results.mgd_test or results.baselines_test):
@@ -234,7 +250,7 @@ def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -
             "|---|---|",
         ]
         lines += [f"| {name} | {fmt_ms(values)} |" for name, values in results.baselines.items()]
-        lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} |")
+        lines.append(f"| {label} | {fmt_ms(results.mgd)} |")
         searched = sum(r["miou"] is not None for r in results.trials)
         return (
             lines
@@ -251,13 +267,24 @@ def _comparison_section(results: StudyResults, teachers: list[dict[str, Any]]) -
     ]
     for name, values in results.baselines.items():
         lines.append(f"| {name} | {fmt_ms(values)} | {fmt_ms(results.baselines_test.get(name, []))} |")
-    lines.append(f"| MGD (best searched configuration) | {fmt_ms(results.mgd)} | {fmt_ms(results.mgd_test)} |")
+    lines.append(f"| {label} | {fmt_ms(results.mgd)} | {fmt_ms(results.mgd_test)} |")
     on_test = [t | {"miou": t["test"]} for t in teachers]
     return (
         lines
         + _baseline_legend(results.baselines)
         + ["", _verdict(results.mgd_test, results.baselines_test, on_test, split="test"), ""]
     )
+
+
+def _beside_baselines(plan: Plan, results: StudyResults) -> StudyResults:
+    """The figures to set beside the baselines: in a study that searches the student, MGD's best trial
+    on the baselines' own student (the overall best, perhaps a larger student, is in the front)."""
+    if not plan.study.search.searches_student:
+        return results
+    same = baselines_student_best(plan, results.trials)
+    if same is None:
+        return replace(results, mgd=[], mgd_test=[])
+    return replace(results, mgd=[same["miou"]], mgd_test=[same["test"]] if same["test"] is not None else [])
 
 
 def _baseline_legend(baselines: dict[str, list[float]]) -> list[str]:
@@ -289,35 +316,13 @@ def _trials_section(results: StudyResults) -> list[str]:
     return lines
 
 
-def _trial_cost(row: dict[str, Any]) -> dict[str, float | None]:
-    """A trial's cost as its run recorded it (``cost/*`` metrics): gflops, params_m, latency_ms."""
-    return {key: row.get("cost", {}).get(key) for key in ("gflops", "params_m", "latency_ms")}
-
-
-def front_members(plan: Plan, results: StudyResults) -> list[dict[str, Any]]:
-    """The finished trials on the Pareto front of val mIoU (max) against the study's cost (min; GFLOPs
-    when the search has one objective), cheapest first; one per architecture (cost is the architecture's)."""
-    key = COST_KEYS[plan.study.searcher.cost if plan.study.searcher.multi_objective else "gflops"]
-    done = [
-        r
-        for r in results.trials
-        if r["state"] == "finished" and r["miou"] is not None and _trial_cost(r)[key] is not None
-    ]
-    front, seen = [], set()
-    for i in pareto_front([(_trial_cost(r)[key], r["miou"]) for r in done]):
-        if done[i]["architecture"] not in seen:
-            seen.add(done[i]["architecture"])
-            front.append(done[i])
-    return front
-
-
 def _front_section(plan: Plan, results: StudyResults, num_classes: int) -> list[str]:
     """The Pareto front of the searched students: each member registered in MLflow as a version of
     ``<study>-front`` with its cost, under an alias that is its architecture's name."""
     study = plan.study
     kind = study.searcher.cost if study.searcher.multi_objective else "gflops"
     key = COST_KEYS[kind]
-    front = front_members(plan, results)
+    front = front_members(plan, results.trials)
     lines = [
         f"## Pareto front: val mIoU against {COST_LABELS[key]} (the student searched among {', '.join(plan.students)})",
         "",
@@ -327,17 +332,21 @@ def _front_section(plan: Plan, results: StudyResults, num_classes: int) -> list[
         lines += [f"Over the searcher's limits, never trained: {', '.join(excluded)}.", ""]
     if not front:
         return lines + ["No searched trial finished.", ""]
+    tested = any(row["test"] is not None for row in front)  # the final evaluation tests each member
     lines += [
-        "| member | val mIoU (%) | params (M) | GFLOPs | latency (ms) | trial | registered as |",
-        "|---|---|---|---|---|---|---|",
+        "| member | val mIoU (%) |"
+        + (" test mIoU (%) |" if tested else "")
+        + " params (M) | GFLOPs | latency (ms) | trial | registered as |",
+        "|---|---|" + ("---|" if tested else "") + "---|---|---|---|---|",
     ]
     name = f"{study.name}-front"
     for row in front:
-        cost = _trial_cost(row)
+        cost = trial_cost(row)
         uri = _register_front_member(plan, row, name, kind, cost[key], num_classes)
         latency = "n/a" if cost["latency_ms"] is None else f"{cost['latency_ms']:.2f}"
+        test = f" {_pct(row['test'])} |" if tested else ""
         lines.append(
-            f"| {row['architecture']} | {_pct(row['miou'])} | {cost['params_m']:.2f} | {cost['gflops']:.2f} | "
+            f"| {row['architecture']} | {_pct(row['miou'])} |{test} {cost['params_m']:.2f} | {cost['gflops']:.2f} | "
             f"{latency} | {row['name']} `{json.dumps(row['params'], sort_keys=True)}` | `{uri}` |"
         )
     example = front[0]["architecture"]
@@ -459,7 +468,7 @@ def _plots(
     # without measured latencies, such trials have none.
     points = [
         {"name": r["name"], "kind": "trial", "miou": r["miou"]}
-        | (_trial_cost(r) if plan.study.search.searches_student else cost)
+        | (trial_cost(r) if plan.study.search.searches_student else cost)
         for r in results.trials
         if r["miou"] is not None
     ]

@@ -16,6 +16,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from mgd_ray import tracking
+from mgd_ray.plots import pareto_front
+from mgd_ray.study.costs import COST_KEYS, architecture_name
 from mgd_ray.study.plan import Plan
 from mgd_ray.study.search import METRIC
 
@@ -126,3 +128,30 @@ def results_from_rows(rows: list[dict[str, Any]]) -> StudyResults:
         mgd = [r["miou"] for r in [best, *repeats] if r["miou"] is not None]
         mgd_test = [r["test"] for r in [best, *repeats] if r["test"] is not None]
     return StudyResults(rows, trials, best, baselines, mgd, baselines_test, mgd_test)
+
+
+def trial_cost(row: dict[str, Any]) -> dict[str, float | None]:
+    """A trial's cost as its run recorded it (``cost/*`` metrics): gflops, params_m, latency_ms."""
+    return {key: row.get("cost", {}).get(key) for key in ("gflops", "params_m", "latency_ms")}
+
+
+def front_members(plan: Plan, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished trials on the Pareto front of val mIoU (max) against the study's cost (min; GFLOPs
+    when the search has one objective), cheapest first; one per architecture (cost is the architecture's)."""
+    searcher = plan.study.searcher
+    key = COST_KEYS[searcher.cost if searcher.multi_objective else "gflops"]
+    done = [r for r in trials if r["state"] == "finished" and r["miou"] is not None and trial_cost(r)[key] is not None]
+    front, seen = [], set()
+    for i in pareto_front([(trial_cost(r)[key], r["miou"]) for r in done]):
+        if done[i]["architecture"] not in seen:
+            seen.add(done[i]["architecture"])
+            front.append(done[i])
+    return front
+
+
+def baselines_student_best(plan: Plan, trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best finished trial on the baselines' own student, in a study that searches the student:
+    the trial to set beside the baselines (the overall best may be a larger student)."""
+    name = architecture_name(plan.study.student)
+    same = [r for r in trials if r["state"] == "finished" and r["miou"] is not None and r["architecture"] == name]
+    return max(same, key=lambda r: r["miou"]) if same else None

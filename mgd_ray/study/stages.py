@@ -33,7 +33,7 @@ from mgd_ray.study.plan import (
     teacher_key,
     teacher_ref,
 )
-from mgd_ray.study.results import study_results
+from mgd_ray.study.results import baselines_student_best, front_members, study_results
 from mgd_ray.study.search import (
     fail_orphan_trials,
     fresh_optuna_study,
@@ -483,7 +483,9 @@ def stage_test(
     plan: Plan, teachers: dict[str, dict[str, Any]], best_params: dict[str, Any]
 ) -> dict[str, dict[str, float]]:
     """The final evaluation on the test split, the only time a study reads it: the teachers, every
-    baseline run and the best configuration's runs (its trial and repeats); nothing else ever sees it.
+    baseline run and the best configuration's runs (its trial and repeats), and in a study that
+    searches the student, each Pareto-front member and the best trial on the baselines' student
+    (all chosen on val before this reads test); nothing else ever sees it.
 
     Each model's ``test/mIoU`` and per-class IoU are logged to its run; returns them by run id. A run
     that has them already is not evaluated again: a teacher reused from an earlier study (its key
@@ -491,10 +493,14 @@ def stage_test(
     """
     client = tracking.client_for(plan.tracking_uri)
     runs = [info["run_id"] for info in teachers.values() if "run_id" in info]
-    for row in study_results(plan).rows:
+    results = study_results(plan)
+    for row in results.rows:
         chosen = row["kind"] == "baseline" or (row["kind"] in ("trial", "repeat") and row["params"] == best_params)
         if chosen and row["state"] == "finished":
             runs.append(row["run_id"])
+    if plan.study.search.searches_student:  # the front's members, and the trial set beside the baselines
+        same = baselines_student_best(plan, results.trials)
+        runs += [r["run_id"] for r in front_members(plan, results.trials)] + ([same["run_id"]] if same else [])
     runs = [run_id for run_id in dict.fromkeys(runs) if not tracking.metric_history(client, run_id, "test/mIoU")]
     if not runs:
         return {}
