@@ -24,6 +24,14 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _newest_report(work: Path, study_file: Path) -> Path | None:
+    """The study's newest report (other studies may share the folder with --keep)."""
+    import yaml
+
+    name = yaml.safe_load(study_file.read_text())["name"]
+    return max(work.glob(f"mgd_ray_runs/{name}/*/report/report.md"), default=None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", default=str(REPO / "studies" / "quickstart.yaml"))
@@ -81,9 +89,7 @@ def main() -> int:
         covered += max(0, e - max(s_, reach)) / 1000
         reach = max(reach, e)
     print(f"{'no run':10s} {wall - covered:8.1f}   (driver and Ray start-up, data check, report)")
-    print(
-        f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {max(work.glob('mgd_ray_runs/*/*/report/report.md'), default=None)}"
-    )
+    print(f"\nquickstart wall time: {wall:.1f} s ({wall / 60:.1f} min); report: {_newest_report(work, study)}")
     print("\ndisk left in the working directory (MiB):")
     sizes = {p.name: disk_bytes(p) for p in sorted(work.iterdir())}
     for name, size in sizes.items():
