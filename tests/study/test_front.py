@@ -15,8 +15,8 @@ from mgd_ray import tracking
 from mgd_ray.config import ConfigError
 from mgd_ray.predict import resolve_model
 from mgd_ray.study.config import parse_study
-from mgd_ray.study.report import fmt_ms
 from mgd_ray.study.costs import architectures, counted_costs
+from mgd_ray.study.report import fmt_ms
 from mgd_ray.study.run import run_study
 from mgd_ray.testing import tiny_builtin_study
 
