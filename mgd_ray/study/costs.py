@@ -27,9 +27,9 @@ from mgd_ray.models.complexity import latency_ms, segmenter_cost
 from mgd_ray.study.config import StudyConfig
 
 STUDENT_PARAM = "student"  # the search's one choice among the architectures
-COST_METRICS = {"gflops": "cost/gflops", "params": "cost/params_m", "latency": "cost/latency_ms"}
+COST_KEYS = {"gflops": "gflops", "params": "params_m", "latency": "latency_ms"}  # searcher.cost → Cost's field
+COST_METRICS = {kind: f"cost/{key}" for kind, key in COST_KEYS.items()}  # as a trial's run records it
 COST_UNITS = {"gflops": "GFLOPs", "params": "M params", "latency": "ms"}
-COST_KEYS = {"gflops": "gflops", "params": "params_m", "latency": "latency_ms"}  # Cost's fields
 LATENCY_CACHE = "latency_cache.json"
 LATENCY_REPS = 20  # timed runs per model (median): two runs of 5 differed by 7 % at 32 px
 
@@ -71,15 +71,15 @@ class Cost:
 
     def value(self, kind: str) -> float:
         """The study's cost objective (``searcher.cost``) of this architecture."""
-        value = {"gflops": self.gflops, "params": self.params_m, "latency": self.latency_ms}[kind]
+        value = getattr(self, COST_KEYS[kind])
         if value is None:
             raise ValueError(f"cost {kind}: not measured")
         return value
 
     def metrics(self) -> dict[str, float]:
         """As a trial's MLflow run records it."""
-        out = {COST_METRICS["gflops"]: self.gflops, COST_METRICS["params"]: self.params_m}
-        return out | ({COST_METRICS["latency"]: self.latency_ms} if self.latency_ms is not None else {})
+        values = {COST_METRICS[kind]: getattr(self, key) for kind, key in COST_KEYS.items()}
+        return {metric: value for metric, value in values.items() if value is not None}
 
 
 def counted_costs(models: dict[str, ModelConfig], num_classes: int, size: int) -> dict[str, Cost]:
@@ -194,7 +194,3 @@ def with_latency(
 
 def costs_to_json(costs: dict[str, Cost]) -> dict[str, dict[str, float | None]]:
     return {name: asdict(cost) for name, cost in costs.items()}
-
-
-def costs_from_json(raw: dict[str, dict[str, Any]]) -> dict[str, Cost]:
-    return {name: Cost(**values) for name, values in raw.items()}

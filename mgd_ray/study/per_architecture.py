@@ -58,8 +58,7 @@ class PerArchitectureASHA(FIFOScheduler):
         self._group_of.pop(trial.trial_id)
 
     def debug_string(self) -> str:
-        stopped = {name: asha._num_stopped for name, asha in self._groups.items()}
-        return f"ASHA per architecture ({self._key}), trials stopped: {stopped}"
+        return f"ASHA per architecture ({self._key}), trials stopped: {self.stopped()}"
 
     def stopped(self) -> dict[str, int]:
         """How many trials each architecture's ASHA stopped early."""

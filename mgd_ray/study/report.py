@@ -279,8 +279,6 @@ def _comparison_section(
 def _beside_baselines(plan: Plan, results: StudyResults) -> StudyResults:
     """The figures to set beside the baselines: in a study that searches the student, MGD's best trial
     on the baselines' own student (the overall best, perhaps a larger student, is in the front)."""
-    if not plan.study.search.searches_student:
-        return results
     same = baselines_student_best(plan, results.trials)
     if same is None:
         return replace(results, mgd=[], mgd_test=[])
@@ -478,12 +476,8 @@ def _plots(
         size = plan.study.data.crop_size
         device = "GPU" if torch.cuda.is_available() else "CPU"
         searcher = plan.study.searcher
-        where = (
-            f"{searcher.latency_device}"
-            + (f", {searcher.latency_threads} thread(s)" if searcher.latency_device == "cpu" else "")
-            if searcher.measures_latency
-            else f"driver {device}, 1 thread"
-        )
+        threads = f" x{searcher.latency_threads} thread" if searcher.latency_device == "cpu" else ""
+        where = f"{searcher.latency_device}{threads}" if searcher.measures_latency else f"driver {device}"
         for key, title in (
             ("gflops", f"mIoU against GFLOPs at {size}×{size}"),
             ("latency_ms", f"mIoU against latency (eager PyTorch, batch 1, {size}×{size}, {where})"),

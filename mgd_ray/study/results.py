@@ -112,7 +112,7 @@ def study_results(plan: Plan) -> StudyResults:
 def results_from_rows(rows: list[dict[str, Any]]) -> StudyResults:
     """The report's figures from a study's child runs (``run_row`` each)."""
     trials = sorted((r for r in rows if r["kind"] == "trial"), key=lambda r: -(r["miou"] or -1))
-    finished = [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
+    finished = _finished(trials)
     best = finished[0] if finished else None
     baselines: dict[str, list[float]] = {}
     baselines_test: dict[str, list[float]] = {}
@@ -130,9 +130,14 @@ def results_from_rows(rows: list[dict[str, Any]]) -> StudyResults:
     return StudyResults(rows, trials, best, baselines, mgd, baselines_test, mgd_test)
 
 
+def _finished(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials that ran to the end with a val mIoU, in the order given."""
+    return [r for r in trials if r["state"] == "finished" and r["miou"] is not None]
+
+
 def trial_cost(row: dict[str, Any]) -> dict[str, float | None]:
     """A trial's cost as its run recorded it (``cost/*`` metrics): gflops, params_m, latency_ms."""
-    return {key: row.get("cost", {}).get(key) for key in ("gflops", "params_m", "latency_ms")}
+    return {key: row.get("cost", {}).get(key) for key in COST_KEYS.values()}
 
 
 def front_members(plan: Plan, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,7 +145,7 @@ def front_members(plan: Plan, trials: list[dict[str, Any]]) -> list[dict[str, An
     when the search has one objective), cheapest first; one per architecture (cost is the architecture's)."""
     searcher = plan.study.searcher
     key = COST_KEYS[searcher.cost if searcher.multi_objective else "gflops"]
-    done = [r for r in trials if r["state"] == "finished" and r["miou"] is not None and trial_cost(r)[key] is not None]
+    done = [r for r in _finished(trials) if trial_cost(r)[key] is not None]
     front, seen = [], set()
     for i in pareto_front([(trial_cost(r)[key], r["miou"]) for r in done]):
         if done[i]["architecture"] not in seen:
@@ -153,5 +158,5 @@ def baselines_student_best(plan: Plan, trials: list[dict[str, Any]]) -> dict[str
     """The best finished trial on the baselines' own student, in a study that searches the student:
     the trial to set beside the baselines (the overall best may be a larger student)."""
     name = architecture_name(plan.study.student)
-    same = [r for r in trials if r["state"] == "finished" and r["miou"] is not None and r["architecture"] == name]
+    same = [r for r in _finished(trials) if r["architecture"] == name]
     return max(same, key=lambda r: r["miou"]) if same else None

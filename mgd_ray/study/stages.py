@@ -434,7 +434,7 @@ def stage_search(plan: Plan, resume: bool) -> Any:
     if storage is not None and searcher is not None and not restoring:
         attrs = {"mgd_ray.study": study.name, "mlflow.parent_run_id": plan.parent_run_id}
         attrs |= {"mlflow.tracking_uri": shown_url(plan.tracking_uri)}
-        fresh_optuna_study(storage, plan.optuna_study, attrs, multi_objective=study.searcher.multi_objective)
+        fresh_optuna_study(storage, plan.optuna_study, attrs, multi_objective=multi)
     tuner = _tuner(
         plan,
         "search",

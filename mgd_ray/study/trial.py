@@ -61,7 +61,7 @@ def _run_trial(config: dict[str, Any], plan: Plan) -> None:
         # Finished before the driver died (Tune's snapshot may predate it): report, don't retrain.
         _report_finished(client, run, job)
         return
-    _describe_run(plan, job, client, run_id)
+    _describe_run(plan, job, client, run)
     start = time.time()
     _train(plan, job, client, run_id)
     tracking.log_metrics(client, run_id, {"time/train_s": time.time() - start}, step=int(job.cfg.schedule.iterations))
@@ -69,8 +69,10 @@ def _run_trial(config: dict[str, Any], plan: Plan) -> None:
     client.set_terminated(run_id, "FINISHED")
 
 
-def _describe_run(plan: Plan, job: TrialJob, client: MlflowClient, run_id: str) -> None:
-    """The run's tags (state, searched params, where the job runs, the cache's verdict) and params."""
+def _describe_run(plan: Plan, job: TrialJob, client: MlflowClient, run: Any) -> None:
+    """The run's tags (state, searched params, where the job runs, the cache's verdict), params and the
+    student's cost (``run``: the run as ``_run_trial`` read it)."""
+    run_id = run.info.run_id
     tags = {
         tracking.STATE_TAG: "running",
         "mgd_ray.params": json.dumps(job.params, sort_keys=True),
@@ -83,10 +85,11 @@ def _describe_run(plan: Plan, job: TrialJob, client: MlflowClient, run_id: str) 
             "mgd_ray.teacher_cache_reason": status.reason[:4000],
         }
     student = getattr(job.cfg, "student", None)
-    cost = plan.costs.get(architecture_name(student)) if student is not None else None
+    architecture = architecture_name(student) if student is not None else None
+    cost = plan.costs.get(architecture) if architecture is not None else None
     if cost is not None:  # the student's cost, known before it trains: the search's second objective
-        tags["mgd_ray.architecture"] = architecture_name(student)
-        if not set(cost.metrics()) <= set(client.get_run(run_id).data.metrics):  # once, also when resumed
+        tags["mgd_ray.architecture"] = architecture
+        if not set(cost.metrics()) <= set(run.data.metrics):  # once, also when resumed
             tracking.log_metrics(client, run_id, cost.metrics(), step=0)
     tracking.set_tags(client, run_id, tags)
     params = {f"search.{k}": v for k, v in job.params.items()} | tracking.flatten("", job.cfg.model_dump(mode="json"))

@@ -81,19 +81,25 @@ def test_a_claim_whose_run_landed_late_loses_though_its_start_time_is_earlier(cl
     assert [c.run_id for c in claims.running_claims(client, "k")] == [mine.run_id]
 
 
-def test_a_claimant_waits_for_a_claim_not_yet_stamped_and_yields_to_its_earlier_stamp(client):
+def test_a_claimant_waits_for_a_claim_not_yet_stamped_and_yields_to_its_earlier_stamp(client, monkeypatch):
     # Another claimant has written its run but not yet its stamp: what it will stamp may come first.
     exp_id = tracking.ensure_experiment(client, claims.CLAIMS_EXPERIMENT)
     tags = {claims.CLAIM_TAG: "k", claims.OWNER_TAG: "parent-x", claims.STUDY_TAG: "study-x"}
     other = client.create_run(exp_id, tags=tags | {claims.HEARTBEAT_TAG: repr(time.time())}).info.run_id
     stamp = time.time()  # its clock, read before ours
+    polled, sleep = threading.Event(), time.sleep
+
+    def poll_again(seconds: float) -> None:  # the claimant saw the unstamped claim and looks again
+        polled.set()
+        sleep(seconds)
+
+    monkeypatch.setattr(claims.time, "sleep", poll_again)
     result = {}
     thread = threading.Thread(
         target=lambda: result.update(r=claims.acquire(client, "k", "parent-a", "study-a", "T_D", stamp_poll_s=0.01))
     )
     thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive()  # waiting for the stamp
+    assert polled.wait(30) and thread.is_alive() and not result  # waiting for the stamp, undecided
     tracking.set_tags(client, other, {claims.ORDER_TAG: repr(stamp)})
     thread.join(30)
 
